@@ -1,0 +1,232 @@
+"""Grouped GEMM benchmark: jaxmoe's Mosaic GPU kernels against the anchors of issue 3.
+
+Anchors: a dense matmul of the same FLOPs, `jax.lax.ragged_dot`, JAX's
+`ragged_dot_mgpu` (a small config sweep, only up to G=64: it unrolls a loop over
+the groups) and `torch._grouped_mm` (benchmarks/torch_grouped_mm.py, run in its
+own process when torch is importable).
+
+Passes: fwd (gmm), dgrad (gmm(dy, w, transpose_rhs=True)), wgrad (tgmm(x, dy)),
+fwd+bwd (the three back to back in one jit; for the anchors `jax.vjp` with a
+random cotangent). TFLOP/s count 2*M*K*N per pass (3x for fwd+bwd).
+
+Timing: each function is jitted; after a warm-up, 30 calls are dispatched back to
+back and the host waits once (dispatch overlaps the GPU); median of 5 such runs.
+Inputs are random normal bf16 (never zeros), group sizes random (shapes.py).
+
+    PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--sweep] [--no-torch]
+
+Writes benchmarks/results/grouped_gemm.json (format in DESIGN.md) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES, flops, random_group_sizes  # noqa: E402
+
+from pallas_kernels import config as config_lib  # noqa: E402
+from pallas_kernels.gmm_mgpu import gmm_mgpu  # noqa: E402
+from pallas_kernels.tgmm_mgpu import tgmm_mgpu  # noqa: E402
+
+CALLS, REPEATS = 30, 5
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "grouped_gemm.json")
+# (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) for ragged_dot_mgpu.
+RAGGED_MGPU_CONFIGS = ((128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (64, 128, 64, 5, 4),
+                       (128, 64, 64, 5, 4), (192, 128, 64, 3, 4))
+GMM_SWEEP = (
+    config_lib.GmmConfig(128, 128, 64, 5, 4),
+    config_lib.GmmConfig(128, 128, 64, 5, 8),
+    config_lib.GmmConfig(128, 128, 64, 5, 1),
+    config_lib.GmmConfig(128, 192, 64, 4, 4),
+    config_lib.GmmConfig(192, 128, 64, 4, 4),
+    config_lib.GmmConfig(64, 256, 64, 4, 4),
+)
+
+
+def time_ms(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    for _ in range(CALLS):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / CALLS)
+  return statistics.median(times) * 1e3
+
+
+def _tflops(m, k, n, passes, ms):
+  return round(flops(m, k, n, passes) / ms / 1e9, 1)
+
+
+def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
+  """Our kernels: fwd (best of the sweep if asked), dgrad, wgrad, fwd+bwd."""
+  records, fwd_cfg = [], None
+  if sweep:
+    best = None
+    for cfg in GMM_SWEEP:
+      if n % cfg.block_n:
+        continue
+      try:
+        ms = time_ms(jax.jit(functools.partial(gmm_mgpu, config=cfg)), x, w, gs)
+      except Exception as e:  # noqa: BLE001 -- a config may not fit; report it
+        log(f"  sweep {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+        continue
+      log(f"  sweep {cfg}: {_tflops(m, k, n, 1, ms)} TF/s")
+      if best is None or ms < best[0]:
+        best = (ms, cfg)
+    fwd_cfg = best[1] if best else None
+  fwd = jax.jit(functools.partial(gmm_mgpu, config=fwd_cfg))
+  dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True))
+  wgrad = jax.jit(tgmm_mgpu)
+
+  @jax.jit
+  def fwd_bwd(x, w, gs, dy):
+    return (gmm_mgpu(x, w, gs, config=fwd_cfg), gmm_mgpu(dy, w, gs, transpose_rhs=True),
+            tgmm_mgpu(x, dy, gs))
+
+  for name, fn, args, passes in (("fwd", fwd, (x, w, gs), 1),
+                                 ("dgrad", dgrad, (dy, w, gs), 1),
+                                 ("wgrad", wgrad, (x, dy, gs), 1),
+                                 ("fwd+bwd", fwd_bwd, (x, w, gs, dy), 3)):
+    ms = time_ms(fn, *args)
+    records.append(dict(pass_=name, impl="jaxmoe", tflops=_tflops(m, k, n, passes, ms)))
+  if fwd_cfg is not None:
+    records[0]["config"] = str(fwd_cfg)
+  return records
+
+
+def _vjp_fn(f):
+  @jax.jit
+  def fwd_bwd(x, w, gs, dy):
+    y, pull = jax.vjp(lambda x, w: f(x, w, gs), x, w)
+    return (y, *pull(dy))
+  return fwd_bwd
+
+
+def bench_anchors(x, w, gs, dy, m, k, n, g, log):
+  records = []
+  w0 = w[0]
+  dense = lambda x, w, gs: x @ w  # noqa: E731
+  ms = time_ms(jax.jit(dense), x, w0, gs)
+  records.append(dict(pass_="fwd", impl="dense", tflops=_tflops(m, k, n, 1, ms)))
+  ms = time_ms(_vjp_fn(dense), x, w0, gs, dy)
+  records.append(dict(pass_="fwd+bwd", impl="dense", tflops=_tflops(m, k, n, 3, ms)))
+  if m * n * g <= 16384 * 4096 * 64:  # XLA's ragged_dot runs out of memory beyond.
+    ragged = lambda x, w, gs: jax.lax.ragged_dot(x, w, gs)  # noqa: E731
+    ms = time_ms(jax.jit(ragged), x, w, gs)
+    records.append(dict(pass_="fwd", impl="ragged_dot", tflops=_tflops(m, k, n, 1, ms)))
+    ms = time_ms(_vjp_fn(ragged), x, w, gs, dy)
+    records.append(dict(pass_="fwd+bwd", impl="ragged_dot",
+                        tflops=_tflops(m, k, n, 3, ms)))
+  if g <= 64:  # ragged_dot_mgpu unrolls a loop over G.
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    best = None
+    for bm, bn, bk, steps, gbn in RAGGED_MGPU_CONFIGS:
+      if n % (bn * gbn):
+        continue
+      fn = jax.jit(lambda x, w, gs, bm=bm, bn=bn, bk=bk, steps=steps, gbn=gbn:
+                   ragged_dot_mgpu.ragged_dot(
+                       x, w, group_sizes=gs, block_m=bm, block_n=bn, block_k=bk,
+                       max_concurrent_steps=steps, grid_block_n=gbn))
+      try:
+        ms = time_ms(fn, x, w, gs)
+      except Exception as e:  # noqa: BLE001
+        log(f"  ragged_dot_mgpu {(bm, bn, bk, steps, gbn)} failed: {str(e)[:120]}")
+        continue
+      best = ms if best is None else min(best, ms)
+    if best is not None:
+      records.append(dict(pass_="fwd", impl="ragged_dot_mgpu",
+                          tflops=_tflops(m, k, n, 1, best)))
+  return records
+
+
+def run_torch(quick: bool, log) -> list[dict]:
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_grouped_mm.py")
+  cmd = [os.environ.get("TORCH_PYTHON", sys.executable), script] + (["--quick"] if quick else [])
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  except Exception as e:  # noqa: BLE001
+    log(f"torch benchmark failed to start: {e!r}")
+    return []
+  if proc.returncode:
+    log(f"torch benchmark failed: {proc.stderr[-1000:]}")
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def print_table(records) -> None:
+  by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
+  impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm")
+  print("\nTFLOP/s (ratio jaxmoe/dense)")
+  print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
+        + "  vs dense")
+  shapes = sorted({k[:4] for k in by}, key=lambda s: (s[3], s))
+  for s in shapes:
+    for p in ("fwd", "dgrad", "wgrad", "fwd+bwd"):
+      row = [by.get((*s, p, i)) for i in impls]
+      if all(v is None for v in row):
+        continue
+      ratio = (f"{row[0] / row[1]:.2f}" if row[0] and row[1] else "-")
+      print(f"{','.join(map(str, s)):>24} {p:>8} "
+            + " ".join(f"{v if v is not None else '-':>12}" for v in row) + f"  {ratio}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true", help="first two shapes only")
+  parser.add_argument("--sweep", action="store_true", help="sweep gmm forward configs")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--no-anchors", action="store_true")
+  parser.add_argument("--log", default=None)
+  args = parser.parse_args()
+  log_file = open(args.log, "a") if args.log else None
+
+  def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+    if log_file:
+      print(msg, file=log_file, flush=True)
+
+  records = []
+  for m, k, n, g in SHAPES[:2] if args.quick else SHAPES:
+    keys = jax.random.split(jax.random.key(m + k + n + g), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
+    gs = jnp.asarray(random_group_sizes(m, g))
+    recs = bench_jaxmoe(x, w, gs, dy, m, k, n, g, args.sweep, log)
+    if not args.no_anchors:
+      recs += bench_anchors(x, w, gs, dy, m, k, n, g, log)
+    for r in recs:
+      r = {"M": m, "K": k, "N": n, "G": g, "pass": r.pop("pass_"), **r}
+      log(json.dumps(r))
+      records.append(r)
+    del x, w, dy
+  if not args.no_torch:
+    records += run_torch(args.quick, log)
+  device = jax.devices()[0]
+  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+  with open(RESULTS, "w") as f:
+    json.dump({"card": device.device_kind, "jax": jax.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "command": " ".join(["python"] + sys.argv), "records": records}, f,
+              indent=1)
+  print_table(records)
+
+
+if __name__ == "__main__":
+  main()

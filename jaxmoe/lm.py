@@ -1,0 +1,86 @@
+"""A small decoder-only MoE transformer language model built on `MoELayer`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe import offload
+from jaxmoe.modules import MoELayer
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int
+  seq_len: int
+  num_layers: int = 2
+  model_dim: int = 64
+  num_heads: int = 4
+  ffn_size: int = 128
+  num_experts: int = 4
+  top_k: int = 2
+  offload_names: tuple[str, ...] = offload.DEFAULT_OFFLOAD_NAMES
+  recompute_names: tuple[str, ...] = ()
+  backend: str = "auto"
+  dtype: str = "bfloat16"
+
+
+class Block(nnx.Module):
+  """Pre-norm attention + pre-norm MoE, both residual."""
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.attn_norm = nnx.RMSNorm(cfg.model_dim, dtype=dtype, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        cfg.num_heads, cfg.model_dim, dtype=dtype, decode=False, rngs=rngs)
+    self.moe_norm = nnx.RMSNorm(cfg.model_dim, dtype=dtype, rngs=rngs)
+    self.moe = MoELayer(
+        cfg.model_dim, cfg.ffn_size, cfg.num_experts, cfg.top_k,
+        offload_names=cfg.offload_names, recompute_names=cfg.recompute_names,
+        backend=cfg.backend, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array):
+    x = x + self.attn(self.attn_norm(x), mask=mask)
+    y, aux = self.moe(self.moe_norm(x))
+    return x + y.astype(x.dtype), aux
+
+
+class MoETransformerLM(nnx.Module):
+  """tokens [B, S] int32 -> (logits [B, S, V] float32, aux of the summed MoE losses)."""
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.model_dim, rngs=rngs)
+    self.pos_embed = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.model_dim)))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = nnx.RMSNorm(cfg.model_dim, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array):
+    seq_len = tokens.shape[1]
+    x = (self.embed(tokens) + self.pos_embed[:seq_len]).astype(jnp.dtype(self.cfg.dtype))
+    mask = nnx.make_causal_mask(tokens)
+    lb_loss = z_loss = 0.0
+    for block in self.blocks:
+      x, aux = block(x, mask)
+      lb_loss += aux["load_balancing_loss"] / len(self.blocks)
+      z_loss += aux["router_z_loss"] / len(self.blocks)
+    logits = self.embed.attend(self.final_norm(x.astype(jnp.float32)))
+    return logits, {"load_balancing_loss": lb_loss, "router_z_loss": z_loss}
+
+
+def next_token_loss(model: MoETransformerLM, batch: jax.Array,
+                    lb_weight: float = 0.01, z_weight: float = 1e-3):
+  """Mean next-token cross-entropy of batch [B, S + 1] plus the router losses."""
+  logits, aux = model(batch[:, :-1])
+  xent = jnp.mean(
+      -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], axis=-1))
+  total = xent + lb_weight * aux["load_balancing_loss"] + z_weight * aux["router_z_loss"]
+  return total, xent
+
+
+def param_count(model: nnx.Module) -> int:
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,104 @@
+"""The functional expert MLP: grouped GEMM -> scaled squared ReLU -> grouped GEMM."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+import pallas_kernels
+from pallas_kernels import common
+from jaxmoe import offload
+
+
+def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
+                group_sizes: jax.Array, scales: jax.Array, *,
+                b1: jax.Array | None = None, b2: jax.Array | None = None,
+                backend: common.Backend = "auto", fused: bool = True) -> jax.Array:
+  """Expert MLP over tokens sorted by expert.
+
+      h = x_g @ w1_g + b1_g               ("activation_input")
+      a = relu(h)**2 * p[:, None]         ("fc2_input"; x is "fc1_input")
+      y = a @ w2_g + b2_g * p[:, None]
+
+  Args:
+    x: [M, H] float, rows sorted by expert; rows past sum(group_sizes) are padding.
+    w1: [G, H, F], same dtype as x.
+    w2: [G, F, H], same dtype as x.
+    group_sizes: [G] int32, rows per expert.
+    scales: [M] float, the router probability p of each row.
+    b1: optional [G, F]; b2: optional [G, H].
+    backend: grouped GEMM backend (see `pallas_kernels.gmm`).
+    fused: use the fused SReLU GEMM epilogues where the backend has them; the
+      result is the same either way.
+
+  Returns:
+    y: [M, H] in x.dtype; padding rows are zero. Differentiable in x, w1, w2,
+    b1, b2 and scales.
+  """
+  del fused  # Every backend runs the unfused graph until the fused kernels land.
+  _validate(x, w1, w2, group_sizes, scales, b1, b2)
+  x = checkpoint_name(x, offload.FC1_INPUT)
+  h = pallas_kernels.gmm(x, w1, group_sizes, backend=backend)
+  if b1 is not None:
+    h = h + rows_of_groups(b1.astype(h.dtype), group_sizes, x.shape[0])
+  h = checkpoint_name(h, offload.ACTIVATION_INPUT)
+  a = scaled_srelu(h, scales)
+  a = checkpoint_name(a, offload.FC2_INPUT)
+  y = pallas_kernels.gmm(a, w2, group_sizes, backend=backend)
+  if b2 is not None:
+    b2_rows = rows_of_groups(b2.astype(jnp.float32), group_sizes, x.shape[0])
+    y = (y + b2_rows * scales[:, None].astype(jnp.float32)).astype(y.dtype)
+  return y
+
+
+def scaled_srelu(h: jax.Array, scales: jax.Array) -> jax.Array:
+  """relu(h)**2 * p[:, None], computed in float32; [M, F] in h.dtype."""
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return (relu * relu * scales[:, None].astype(jnp.float32)).astype(h.dtype)
+
+
+def rows_of_groups(table: jax.Array, group_sizes: jax.Array,
+                   num_rows: int) -> jax.Array:
+  """Row r of the result is table[group of r]; zero for padding rows.
+
+  Args:
+    table: [G, D] per-group values.
+    group_sizes: [G] int32.
+    num_rows: M.
+
+  Returns:
+    [M, D] in table.dtype.
+  """
+  group_ends = jnp.cumsum(group_sizes)
+  group_of_row = jnp.searchsorted(group_ends, jnp.arange(num_rows), side="right")
+  padded = jnp.concatenate([table, jnp.zeros_like(table[:1])])  # row G: padding
+  return padded[group_of_row]
+
+
+def _validate(x, w1, w2, group_sizes, scales, b1, b2) -> None:
+  common.check_rank("x", x, 2, "[M, H]")
+  common.check_rank("w1", w1, 3, "[G, H, F]")
+  common.check_rank("w2", w2, 3, "[G, F, H]")
+  m, hidden = x.shape
+  num_groups, _, ffn = w1.shape
+  expected = {
+      "w1": (w1, (num_groups, hidden, ffn), "[G, H, F]"),
+      "w2": (w2, (num_groups, ffn, hidden), "[G, F, H]"),
+      "scales": (scales, (m,), "[M]"),
+      "b1": (b1, (num_groups, ffn), "[G, F]"),
+      "b2": (b2, (num_groups, hidden), "[G, H]"),
+  }
+  for name, (array, shape, doc) in expected.items():
+    if array is not None and tuple(array.shape) != shape:
+      raise ValueError(
+          f"Expected '{name}' of shape {doc} = {shape} (from x [M, H] = "
+          f"{tuple(x.shape)} and w1 [G, H, F] = {tuple(w1.shape)}), got "
+          f"{tuple(array.shape)}.")
+    if array is not None:
+      common.check_float(name, array)
+  common.check_float("x", x)
+  for name, w in (("w1", w1), ("w2", w2)):
+    if w.dtype != x.dtype:
+      raise ValueError(f"Expected '{name}' in x's dtype {x.dtype}, got {w.dtype}.")
+  common.check_group_sizes(group_sizes, num_groups)

@@ -1,0 +1,129 @@
+"""Flax NNX modules: the expert MLP and a dropless top-k MoE layer around it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe import offload
+from jaxmoe import permutation
+from jaxmoe import routing
+from jaxmoe.mlp import grouped_mlp
+from pallas_kernels import common
+
+# Expert weights [G, in, out]: fan-in is the middle axis, experts are a batch axis.
+default_expert_init = nnx.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class GroupedMLP(nnx.Module):
+  """The expert MLP of `grouped_mlp`, with its residuals placed by a checkpoint policy.
+
+  Example:
+    >>> mlp = GroupedMLP(4, 16, 32, rngs=nnx.Rngs(0))
+    >>> mlp.w1.shape, mlp.w2.shape
+    ((4, 16, 32), (4, 32, 16))
+  """
+
+  def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *,
+               use_bias: bool = False,
+               offload_names: str | Iterable[str] = offload.DEFAULT_OFFLOAD_NAMES,
+               recompute_names: str | Iterable[str] = (),
+               backend: common.Backend = "auto", fused: bool = True,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               kernel_init=default_expert_init, rngs: nnx.Rngs):
+    offload.offload_policy(offload_names, recompute_names)  # Validates the names.
+    common.check_backend(backend)
+    self.offload_names = offload.as_names(offload_names, "offload_names")
+    self.recompute_names = offload.as_names(recompute_names, "recompute_names")
+    self.backend = backend
+    self.fused = fused
+    self.dtype = dtype
+    g, h, f = num_experts, hidden_size, ffn_size
+    self.w1 = nnx.Param(kernel_init(rngs.params(), (g, h, f), param_dtype))
+    self.w2 = nnx.Param(kernel_init(rngs.params(), (g, f, h), param_dtype))
+    if use_bias:
+      self.b1 = nnx.Param(jnp.zeros((g, f), param_dtype))
+      self.b2 = nnx.Param(jnp.zeros((g, h), param_dtype))
+    else:
+      self.b1 = nnx.data(None)
+      self.b2 = nnx.data(None)
+
+  def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array,
+               scales: jax.Array) -> jax.Array:
+    """x_sorted [M, H] (rows sorted by expert), group_sizes [G] int32, scales [M] -> [M, H]."""
+    policy = offload.offload_policy(self.offload_names, self.recompute_names)
+    mlp = jax.checkpoint(
+        functools.partial(grouped_mlp, backend=self.backend, fused=self.fused),
+        policy=policy)
+    cast = lambda p: None if p is None else p[...].astype(self.dtype)
+    return mlp(x_sorted.astype(self.dtype), cast(self.w1), cast(self.w2),
+               group_sizes, scales, b1=cast(self.b1), b2=cast(self.b2))
+
+
+class MoELayer(nnx.Module):
+  """Dropless top-k Mixture-of-Experts layer: router, sort by expert, expert MLP, combine.
+
+  The router's top-k weights are the expert MLP's `scales`, so the combine is a
+  plain sum of each token's k expert outputs.
+
+  Example:
+    >>> layer = MoELayer(16, 32, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
+    >>> y, aux = layer(jnp.ones((2, 8, 16)))
+    >>> y.shape, sorted(aux), int(aux["tokens_per_expert"].sum())
+    ((2, 8, 16), ['load_balancing_loss', 'router_z_loss', 'tokens_per_expert'], 32)
+  """
+
+  def __init__(self, hidden_size: int, ffn_size: int, num_experts: int,
+               top_k: int, *,
+               offload_names: str | Iterable[str] = offload.DEFAULT_OFFLOAD_NAMES,
+               recompute_names: str | Iterable[str] = (),
+               router: routing.Router = "softmax", use_bias: bool = False,
+               backend: common.Backend = "auto", fused: bool = True,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if router not in routing.ROUTERS:
+      raise ValueError(f"Unknown router {router!r}; expected one of {routing.ROUTERS}.")
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(
+          f"Expected 1 <= top_k <= num_experts={num_experts}, got top_k={top_k}.")
+    self.hidden_size = hidden_size
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.router = router
+    self.dtype = dtype
+    self.router_kernel = nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (hidden_size, num_experts), param_dtype))
+    self.experts = GroupedMLP(
+        num_experts, hidden_size, ffn_size, use_bias=use_bias,
+        offload_names=offload_names, recompute_names=recompute_names,
+        backend=backend, fused=fused, dtype=dtype, param_dtype=param_dtype,
+        rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [..., H] -> (y [..., H] in the layer's dtype, aux).
+
+    aux: "load_balancing_loss" (scalar, 1.0 when balanced), "router_z_loss"
+    (scalar), "tokens_per_expert" ([E] int32, sums to tokens * top_k).
+    """
+    if x.shape[-1] != self.hidden_size:
+      raise ValueError(
+          f"Expected x of shape [..., {self.hidden_size}], got {tuple(x.shape)}.")
+    tokens = x.reshape(-1, self.hidden_size)
+    logits = tokens.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)
+    route = routing.route(logits, self.top_k, self.router)
+    counts = routing.tokens_per_expert(route.expert_ids, self.num_experts)
+    dispatch = permutation.plan_dispatch(route.expert_ids, route.weights, counts)
+    x_sorted = permutation.permute(tokens.astype(self.dtype), dispatch, self.top_k)
+    y_sorted = self.experts(x_sorted, counts, dispatch.scales)
+    y = permutation.unpermute_and_combine(y_sorted, dispatch, self.top_k)
+    aux = {
+        "load_balancing_loss": routing.load_balancing_loss(route, counts),
+        "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        "tokens_per_expert": counts,
+    }
+    return y.reshape(*x.shape[:-1], self.hidden_size), aux

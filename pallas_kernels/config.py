@@ -1,0 +1,195 @@
+"""Block configurations for the Mosaic GPU grouped GEMM kernels.
+
+A config is a frozen dataclass that checks itself on construction; `validate_for`
+checks it against a problem's sizes. `gmm_config` / `tgmm_config` pick one per
+shape: first from a small table of configs tuned on an H100 (bf16, random group
+sizes), then from a size heuristic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+# Hopper: 228 KiB of shared memory per SM, of which a block may use 227 KiB.
+SMEM_BYTES = 227 * 1024
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when lowering abstractly or interpreting.
+
+
+def _check_multiple(name: str, value: int, of: int) -> None:
+  if value <= 0 or value % of:
+    raise ValueError(f"{name}={value} must be a positive multiple of {of}.")
+
+
+def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
+  need = cfg.smem_bytes(in_itemsize, out_itemsize)
+  if need > SMEM_BYTES:
+    raise NotImplementedError(
+        f"{cfg} needs {need} bytes of shared memory for {in_itemsize}-byte inputs "
+        f"and {out_itemsize}-byte outputs (at most {SMEM_BYTES}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmConfig:
+  """Tiling of `gmm_mgpu`: out [M, N] in tiles of block_m x block_n, K in block_k steps.
+
+  Attributes:
+    block_m: rows of a work item (one wgmma accumulator has block_m rows).
+    block_n: output columns of a work item.
+    block_k: contracted columns per pipeline step (64 = one 128-byte swizzle of bf16).
+    max_concurrent_steps: pipeline depth (shared-memory stages of lhs and rhs tiles).
+    grid_block_n: width, in n-tiles, of the planar-snake band the persistent loop
+      walks (consecutive work items share an lhs tile or an rhs tile in L2).
+  """
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 4
+
+  def __post_init__(self):
+    _check_multiple("block_m", self.block_m, 64)
+    _check_multiple("block_n", self.block_n, 64)
+    _check_multiple("block_k", self.block_k, 64)
+    if self.block_m * self.block_n > 128 * 256:
+      raise ValueError(
+          f"block_m*block_n={self.block_m * self.block_n} exceeds one warpgroup's "
+          "float32 accumulator budget (128*256 elements).")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
+    if self.grid_block_n < 1:
+      raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    if self.smem_bytes(2, 2) > SMEM_BYTES:
+      raise ValueError(
+          f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
+          f"(at most {SMEM_BYTES}).")
+
+  def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
+    stage = (self.block_m + self.block_n) * self.block_k * in_itemsize
+    return stage * self.max_concurrent_steps + self.block_m * self.block_n * out_itemsize
+
+  def validate_for(self, k: int, n: int, in_itemsize: int = 2,
+                   out_itemsize: int = 2) -> None:
+    """Raises NotImplementedError unless K and N split into whole blocks and it fits."""
+    _check_smem(self, in_itemsize, out_itemsize)
+    if k % self.block_k:
+      raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
+    if n % self.block_n:
+      raise NotImplementedError(f"N={n} is not a multiple of block_n={self.block_n}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TgmmConfig:
+  """Tiling of `tgmm_mgpu`: out [G, K, N] in block_k x block_n tiles, rows in block_m steps.
+
+  Attributes:
+    block_m: contracted rows per pipeline step (group boundaries are masked in it).
+    block_k: output rows (the K of lhs [M, K]) of a work item.
+    block_n: output columns of a work item.
+    max_concurrent_steps: pipeline depth.
+    grid_block_n: planar-snake band width over (k-tile, n-tile) within a group.
+  """
+  block_m: int = 64
+  block_k: int = 128
+  block_n: int = 128
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 4
+
+  def __post_init__(self):
+    _check_multiple("block_m", self.block_m, 64)
+    _check_multiple("block_k", self.block_k, 64)
+    _check_multiple("block_n", self.block_n, 64)
+    if self.block_k * self.block_n > 128 * 256:
+      raise ValueError(
+          f"block_k*block_n={self.block_k * self.block_n} exceeds one warpgroup's "
+          "float32 accumulator budget (128*256 elements).")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
+    if self.grid_block_n < 1:
+      raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    if self.smem_bytes(2, 2) > SMEM_BYTES:
+      raise ValueError(
+          f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
+          f"(at most {SMEM_BYTES}).")
+
+  def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
+    stage = (self.block_k + self.block_n) * self.block_m * in_itemsize
+    return stage * self.max_concurrent_steps + self.block_k * self.block_n * out_itemsize
+
+  def validate_for(self, k: int, n: int, in_itemsize: int = 2,
+                   out_itemsize: int = 2) -> None:
+    """Raises NotImplementedError unless K and N split into whole blocks and it fits."""
+    _check_smem(self, in_itemsize, out_itemsize)
+    if k % self.block_k:
+      raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
+    if n % self.block_n:
+      raise NotImplementedError(f"N={n} is not a multiple of block_n={self.block_n}.")
+
+
+# (M, K, N, G) -> config, tuned on an H100 80GB (bf16, random group sizes).
+# Entries are only added from measurements (benchmarks/grouped_gemm.py --sweep).
+GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {}
+TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
+
+
+def _largest_dividing(n: int, candidates: tuple[int, ...]) -> int | None:
+  return next((c for c in candidates if n % c == 0), None)
+
+
+def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConfig:
+  """The tuned config for this shape if there is one, else a heuristic one.
+
+  Large problems get 128x(192|128) tiles (about the biggest accumulator one
+  warpgroup holds in registers) with the deepest pipeline that fits; small ones 64-row tiles so that more
+  SMs get work and less is wasted at group boundaries.
+  """
+  if (m, k, n, g) in GMM_TUNED:
+    return GMM_TUNED[(m, k, n, g)]
+  block_k = 64
+  block_m = 128 if m >= 128 * 8 else 64
+  # A 128x256 float32 accumulator would take all 255 registers of a thread.
+  block_n = _largest_dividing(n, (192, 128, 64) if block_m == 128 else (256, 128, 64))
+  # The deepest pipeline that fits beside the output staging buffer.
+  for steps in (5, 4, 3, 2):
+    try:
+      cfg = GmmConfig(block_m=block_m, block_n=block_n, block_k=block_k,
+                      max_concurrent_steps=steps)
+    except ValueError:
+      continue
+    if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
+      return cfg
+  return GmmConfig(block_m=block_m, block_n=64, block_k=block_k)
+
+
+def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmConfig:
+  """The tuned config for this shape if there is one, else a heuristic one."""
+  if (m, k, n, g) in TGMM_TUNED:
+    return TGMM_TUNED[(m, k, n, g)]
+  block_k = _largest_dividing(k, (128, 64)) or 64
+  # 128x128: a larger float32 accumulator crowds one warpgroup's registers.
+  block_n = _largest_dividing(n, (128, 64)) or 64
+  for steps in (4, 3, 2):
+    try:
+      cfg = TgmmConfig(block_m=64, block_k=block_k, block_n=block_n,
+                       max_concurrent_steps=steps)
+    except ValueError:
+      continue
+    if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
+      return cfg
+  return TgmmConfig(block_m=64, block_k=64, block_n=64)
+
+
+def num_sms() -> int:
+  """SM count of the device the kernel is lowered for (132 when lowering abstractly)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  abstract_device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  if abstract_device is not None and getattr(abstract_device, "num_cores", None):
+    return abstract_device.num_cores
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return DEFAULT_NUM_SMS
+  if device.platform == "gpu":
+    return getattr(device, "core_count", None) or DEFAULT_NUM_SMS
+  return DEFAULT_NUM_SMS

@@ -1,0 +1,242 @@
+"""Grouped GEMM forward, `gmm_mgpu`: a persistent Pallas Mosaic GPU kernel for Hopper.
+
+out[rows of group g] = lhs[rows of g] @ rhs[g], with zeros past sum(group_sizes).
+
+The file reads top to bottom: support checks, the kernel (work-item loop →
+main loop → store epilogue), the public wrapper.
+
+Design:
+  * Work items come from `metadata.gmm_metadata` (XLA ops, outside the kernel):
+    one per (group or padding segment, m-tile) pair, so the kernel never loops
+    over the groups. The item loop is `plgpu.nd_loop` over (item, n-tile),
+    spread over all SMs (persistent grid) in planar-snake order for L2 reuse.
+  * The main loop is a TMA + wgmma pipeline (`plgpu.emit_pipeline`) over K.
+  * `_store_rows` writes only the item's rows of the tile, with a ladder of TMA
+    stores (see there). Padding items skip the main loop and store the zero
+    accumulator, so every output row is written by the kernel and no wrapper
+    pass over the output is needed.
+  * The epilogue is a named helper, `_epilogue`, so that a fused epilogue (a
+    scale read per row, several outputs) can replace it without touching the
+    main loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import config as config_lib
+from pallas_kernels import metadata as metadata_lib
+
+SUPPORTED_IN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_OUT_DTYPES = SUPPORTED_IN_DTYPES + (jnp.dtype(jnp.float32),)
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def check_hopper(interpret: bool) -> None:
+  """Raises NotImplementedError unless the kernel can run (or lower) for Hopper.
+
+  Interpreting needs no GPU. Otherwise the target is the abstract device of the
+  current abstract mesh if there is one (lowering on a CPU host), else the
+  default device, which must be an NVIDIA GPU of compute capability 9.x.
+  """
+  if interpret:
+    return
+  mesh = jax.sharding.get_abstract_mesh()
+  abstract_device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  if abstract_device is not None:
+    kind = str(getattr(abstract_device, "device_kind", ""))
+    if any(h in kind for h in HOPPER_KINDS):
+      return
+    raise NotImplementedError(f"Mosaic GPU kernels need a Hopper GPU, not {kind!r}.")
+  device = jax.devices()[0]
+  capability = str(getattr(device, "compute_capability", ""))
+  if device.platform != "gpu" or not capability.startswith("9"):
+    raise NotImplementedError(
+        "Mosaic GPU kernels need a Hopper GPU (sm_90); the default device is "
+        f"{device.device_kind!r} on {device.platform!r}. Use interpret=True on CPU.")
+
+
+def check_dtypes(lhs_dtype, rhs_dtype, out_dtype) -> None:
+  if jnp.dtype(lhs_dtype) not in SUPPORTED_IN_DTYPES or lhs_dtype != rhs_dtype:
+    raise NotImplementedError(
+        f"Mosaic GPU grouped GEMM takes bf16 or fp16 operands of one dtype, got "
+        f"lhs {jnp.dtype(lhs_dtype)} and rhs {jnp.dtype(rhs_dtype)}.")
+  if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
+    raise NotImplementedError(
+        f"Mosaic GPU grouped GEMM writes bf16, fp16 or f32, not {jnp.dtype(out_dtype)}.")
+
+
+def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
+                    out_dtype=None, interpret: bool = False,
+                    config: config_lib.GmmConfig | None = None) -> config_lib.GmmConfig:
+  """Raises NotImplementedError for inputs `gmm_mgpu` does not handle; returns the config.
+
+  Shapes are assumed valid (`common.validate_gmm`); this checks what the kernel
+  supports: bf16/fp16 operands, M a multiple of 8, K and N multiples of 64 (of
+  the block sizes),
+  a Hopper GPU unless interpreting.
+  """
+  out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
+  check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
+  m, k = lhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  for name, size in (("K", k), ("N", n)):
+    if size % 64:
+      raise NotImplementedError(f"{name}={size} is not a multiple of 64.")
+  if m == 0 or m % 8:
+    # TMA tiles the row dimension of lhs in 8s: M must split into whole tiles.
+    raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
+  if config is None:
+    config = config_lib.gmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize)
+  config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
+  check_hopper(interpret)
+  return config
+
+
+def _mainloop(acc_ref, lhs_gmem, rhs_gmem, m_tile, n_tile, *, cfg, transpose_rhs):
+  """acc_ref += lhs[m-tile, :] @ rhs[:, n-tile] (rhs: one group's [K, N] or [N, K])."""
+  k = lhs_gmem.shape[1]
+
+  def step(_, lhs_smem, rhs_smem):
+    plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if transpose_rhs else rhs_smem)
+
+  if transpose_rhs:
+    rhs_spec = plgpu.BlockSpec((cfg.block_n, cfg.block_k), lambda ki: (n_tile, ki),
+                               delay_release=1)
+  else:
+    rhs_spec = plgpu.BlockSpec((cfg.block_k, cfg.block_n), lambda ki: (ki, n_tile),
+                               delay_release=1)
+  plgpu.emit_pipeline(
+      step,
+      grid=(k // cfg.block_k,),
+      in_specs=[
+          plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (m_tile, ki),
+                          delay_release=1),
+          rhs_spec,
+      ],
+      max_concurrent_steps=cfg.max_concurrent_steps,
+  )(lhs_gmem, rhs_gmem)
+
+
+def _store_rows(tile, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
+  """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
+
+  TMA stores have static shapes but the row count is only known at run time,
+  so the rows go out as a ladder of power-of-two TMA stores, one per set bit
+  of the count (as in JAX's ragged_dot_mgpu). E.g. 5 rows from smem row 3:
+
+      smem rows  3..6   one store of 4 rows   (bit 2 of 5)
+      smem row   7      one store of 1 row    (bit 0 of 5)
+
+  Other items write the rest of the tile's rows (other groups or the padding).
+  """
+
+  @functools.partial(
+      pl.run_scoped,
+      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_gmem.dtype))
+  def _(o_smem):
+    o_smem[...] = tile
+    plgpu.commit_smem()
+    count = row_end - row_start
+    smem_row = row_start - tile_row0
+    n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
+    for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
+      rows = 1 << bit
+
+      @pl.when((count & rows) != 0)
+      def _():
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[pl.ds(smem_row, rows)],
+            out_gmem.at[pl.ds(tile_row0 + smem_row, rows), n_slice])
+
+      smem_row = smem_row + (count & rows)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _epilogue(acc, out_gmem, **where):
+  """The default epilogue: cast the float32 accumulator and store the item's rows.
+
+  A fused epilogue (issue 4: scaled squared-ReLU) replaces this: it receives the
+  same accumulator and row bookkeeping (`where`), may read per-row operands for
+  rows [where["tile_row0"], +block_m), and stores one or more outputs with
+  `_store_rows`.
+  """
+  _store_rows(acc.astype(out_gmem.dtype), out_gmem, **where)
+
+
+def _gmm_kernel(group_id_gmem, m_tile_gmem, row_start_gmem, row_end_gmem,
+                compute_gmem, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs,
+                num_items):
+  n = out_gmem.shape[1]
+  grid_n = n // cfg.block_n
+
+  @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+  def _item_loop(loop_info: plgpu.NDLoopInfo):
+    item, n_tile = plgpu.planar_snake(
+        loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+    row_start = row_start_gmem[item]
+    row_end = row_end_gmem[item]
+
+    @pl.when(row_end > row_start)  # Unused items do nothing.
+    def _():
+      m_tile = m_tile_gmem[item]
+      group = group_id_gmem[item]
+
+      def acc_scope(acc_ref):
+        # Padding items keep the zero accumulator.
+        @pl.when(compute_gmem[item] != 0)
+        def _():
+          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], m_tile, n_tile,
+                    cfg=cfg, transpose_rhs=transpose_rhs)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
+      _epilogue(acc, out_gmem, tile_row0=m_tile * cfg.block_m, row_start=row_start,
+                row_end=row_end, n_tile=n_tile, cfg=cfg)
+
+
+def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+             transpose_rhs: bool = False, out_dtype=None, interpret: bool = False,
+             config: config_lib.GmmConfig | None = None) -> jax.Array:
+  """Grouped matmul: out[rows of g] = lhs[rows of g] @ rhs[g]; rows past the sum are 0.
+
+  Args:
+    lhs: [M, K] bf16 or fp16, rows sorted by group.
+    rhs: [G, K, N] (or [G, N, K] with transpose_rhs=True, used transposed in the
+      kernel; no transposed copy is made), same dtype as lhs.
+    group_sizes: int32 [G], rows per group, sum(group_sizes) <= M. Zeros allowed.
+    transpose_rhs: whether rhs is [G, N, K].
+    out_dtype: bf16, fp16 or f32 (default lhs.dtype); accumulation is float32.
+    interpret: run the same kernel in the Pallas Mosaic GPU interpreter (CPU).
+    config: block sizes; default `config.gmm_config(M, K, N, G)`.
+
+  Returns:
+    [M, N] in out_dtype.
+
+  Raises:
+    NotImplementedError: for inputs the kernel does not support (see
+      `check_supported`).
+  """
+  out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
+  cfg = check_supported(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                        out_dtype=out_dtype, interpret=interpret, config=config)
+  m = lhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
+  kernel = plgpu.kernel(
+      functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs,
+                        num_items=meta.num_items),
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(config_lib.num_sms(),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return kernel(*meta.arrays(), lhs, rhs)

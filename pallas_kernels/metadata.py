@@ -1,0 +1,138 @@
+"""Group/tile bookkeeping for the grouped GEMM kernels, computed with XLA ops.
+
+The kernels read these small int32 arrays from global memory, one scalar per
+work item, so the kernel body has no Python loop over the groups: G = 256
+lowers to the same code as G = 1.
+
+gmm (out [M, N] = rows of lhs times their group's rhs)
+------------------------------------------------------
+Rows [0, M) are cut into segments: group 0, group 1, ..., group G-1, and a final
+"padding" segment [sum(group_sizes), M) whose output rows must be zeros. A work
+item is one (segment, m-tile) pair where the segment meets the tile::
+
+        m-tile 0        m-tile 1        m-tile 2
+     |---------------|---------------|-------|
+     [ group 0  ][ group 1      ][ g2 ][pad ]
+     item 0      item 1  item 2   item 3 item 4 (items 2 and 3 share m-tile 1...)
+
+Each item computes a full block_m-row tile of lhs @ rhs[group] but stores only
+its own rows [row_start, row_end); padding items compute nothing and store
+zeros. Non-empty segments cover at most cdiv(M, block_m) + G tiles together, so
+`num_items = cdiv(M, block_m) + G` is a static bound; unused items have
+row_start == row_end and do nothing.
+
+tgmm (out [G, K, N], out[g] = lhs_g.T @ rhs_g)
+----------------------------------------------
+Per group: the range of row blocks (of block_m rows) its rows touch. The first
+and last block are shared with neighbouring groups and get masked in the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GmmMetadata:
+  """Work items of `gmm_mgpu`, each an int32 array of shape [num_items].
+
+  Attributes:
+    group_id: the rhs group the item multiplies by, in [0, G) (clamped to a
+      valid group for padding and unused items, which never read it).
+    m_tile: the lhs row tile the item loads: rows [m_tile*block_m, +block_m).
+    row_start: first output row (absolute) the item writes.
+    row_end: one past the last output row the item writes (== row_start for an
+      unused item).
+    compute: 1 if the rows are lhs @ rhs[group_id], 0 if they are zeros
+      (padding rows past sum(group_sizes), or an unused item).
+  """
+  group_id: jax.Array
+  m_tile: jax.Array
+  row_start: jax.Array
+  row_end: jax.Array
+  compute: jax.Array
+
+  @property
+  def num_items(self) -> int:
+    return self.group_id.shape[0]
+
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return (self.group_id, self.m_tile, self.row_start, self.row_end, self.compute)
+
+
+def gmm_num_items(m: int, num_groups: int, block_m: int) -> int:
+  """Static upper bound on the number of gmm work items."""
+  return -(-m // block_m) + num_groups
+
+
+def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
+  """Work items of gmm for lhs of `m` rows; see the module docstring.
+
+  Args:
+    group_sizes: int32 [G], rows per group; sum(group_sizes) <= m (larger sums are
+      clipped to m).
+    m: rows of lhs and of the output.
+    block_m: rows per tile.
+  """
+  g = group_sizes.shape[0]
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  total = ends[-1] if g else jnp.int32(0)
+  # Segment g (== G) is the padding tail.
+  seg_start = jnp.concatenate([starts, total[None]])
+  seg_end = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  first_tile = seg_start // block_m
+  num_tiles = jnp.where(seg_end > seg_start,
+                        (seg_end - 1) // block_m - first_tile + 1, 0)
+  item_end = jnp.cumsum(num_tiles)
+  item_begin = item_end - num_tiles
+
+  item = jnp.arange(gmm_num_items(m, g, block_m), dtype=jnp.int32)
+  seg = jnp.searchsorted(item_end, item, side="right").astype(jnp.int32)
+  used = seg <= g
+  seg = jnp.minimum(seg, g)
+  m_tile = first_tile[seg] + item - item_begin[seg]
+  row_start = jnp.maximum(seg_start[seg], m_tile * block_m)
+  row_end = jnp.minimum(seg_end[seg], (m_tile + 1) * block_m)
+  zero = jnp.zeros_like(item)
+  return GmmMetadata(
+      group_id=jnp.minimum(seg, max(g - 1, 0)),
+      m_tile=jnp.where(used, m_tile, zero),
+      row_start=jnp.where(used, row_start, zero),
+      row_end=jnp.where(used, row_end, zero),
+      compute=(used & (seg < g)).astype(jnp.int32),
+  )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TgmmMetadata:
+  """Per-group row ranges for `tgmm_mgpu`, each an int32 array of shape [G].
+
+  Attributes:
+    row_start: first row of the group (exclusive prefix sum of group_sizes).
+    row_end: one past its last row (clipped to M).
+    first_block: index of the block_m-row block holding row_start.
+    num_blocks: row blocks the group touches (0 for an empty group).
+  """
+  row_start: jax.Array
+  row_end: jax.Array
+  first_block: jax.Array
+  num_blocks: jax.Array
+
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return (self.row_start, self.row_end, self.first_block, self.num_blocks)
+
+
+def tgmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> TgmmMetadata:
+  """Row ranges of each group for tgmm over `m` rows cut into block_m-row blocks."""
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  first_block = starts // block_m
+  num_blocks = jnp.where(ends > starts, (ends - 1) // block_m - first_block + 1, 0)
+  return TgmmMetadata(row_start=starts, row_end=ends, first_block=first_block,
+                      num_blocks=num_blocks.astype(jnp.int32))

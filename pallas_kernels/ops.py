@@ -1,0 +1,153 @@
+"""Public grouped GEMMs: validation, backend dispatch and the custom_vjp wiring.
+
+The kernels live beside this file (`gmm_mgpu.py`, `tgmm_mgpu.py`, XLA reference in
+`reference.py`); this module only decides which one runs and how the gradients are
+expressed in terms of the same two ops:
+
+    out  = gmm(lhs, rhs)            lhs [M, K], rhs [G, K, N]   -> [M, N]
+    dlhs = gmm(dout, rhs, transpose_rhs=True)                   -> [M, K]
+    drhs = tgmm(lhs, dout)                                      -> [G, K, N]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels import reference
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+        transpose_rhs: bool = False, preferred_element_type=None,
+        backend: common.Backend = "auto") -> jax.Array:
+  """Grouped matmul: rows of group g of `lhs` times `rhs[g]`.
+
+  Args:
+    lhs: [M, K] float (bf16, fp16 or f32), rows sorted by group.
+    rhs: [G, K, N], or [G, N, K] with `transpose_rhs=True` (used transposed,
+      without a transposed copy), same dtype as `lhs`.
+    group_sizes: [G] int32; rows past `sum(group_sizes)` are padding.
+    transpose_rhs: whether `rhs` is stored [G, N, K].
+    preferred_element_type: output dtype (default: `lhs.dtype`); accumulation is f32.
+    backend: "auto" (Mosaic GPU on Hopper when the shape is supported, else XLA),
+      "mosaic_gpu", "interpret" (the Mosaic GPU kernel in the Pallas interpreter),
+      or "xla" (`jax.lax.ragged_dot`).
+
+  Returns:
+    [M, N]; padding rows are zero. Differentiable in `lhs` and `rhs`.
+  """
+  lhs, rhs, group_sizes = map(jnp.asarray, (lhs, rhs, group_sizes))
+  common.check_backend(backend)
+  common.validate_gmm(lhs, rhs, group_sizes, transpose_rhs)
+  out_dtype = common.out_dtype(lhs, preferred_element_type)
+  return _gmm_vjp(transpose_rhs, out_dtype, backend)(lhs, rhs, group_sizes)
+
+
+def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+         preferred_element_type=None,
+         backend: common.Backend = "auto") -> jax.Array:
+  """Transposed grouped matmul: out[g] = lhs[rows of g].T @ rhs[rows of g].
+
+  Args:
+    lhs: [M, K] float, rows sorted by group.
+    rhs: [M, N], same dtype as `lhs`.
+    group_sizes: [G] int32; rows past `sum(group_sizes)` are ignored.
+    preferred_element_type: output dtype (default: `lhs.dtype`); accumulation is f32.
+    backend: as for `gmm`.
+
+  Returns:
+    [G, K, N]; zero for empty groups. Differentiable in `lhs` and `rhs`.
+  """
+  lhs, rhs, group_sizes = map(jnp.asarray, (lhs, rhs, group_sizes))
+  common.check_backend(backend)
+  common.validate_tgmm(lhs, rhs, group_sizes)
+  out_dtype = common.out_dtype(lhs, preferred_element_type)
+  return _tgmm_vjp(out_dtype, backend)(lhs, rhs, group_sizes)
+
+
+def _run_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, backend):
+  return _dispatch(backend, "gmm", reference.gmm_xla, lhs, rhs, group_sizes,
+                   transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+
+
+def _run_tgmm(lhs, rhs, group_sizes, *, out_dtype, backend):
+  return _dispatch(backend, "tgmm", reference.tgmm_xla, lhs, rhs, group_sizes,
+                   out_dtype=out_dtype)
+
+
+def _dispatch(backend, kernel_name, xla_fn, *args, **kwargs):
+  """Runs the Mosaic GPU kernel `kernel_name` or `xla_fn` as `backend` asks.
+
+  A kernel signals an input it cannot take with NotImplementedError: "auto" then
+  falls back to XLA, an explicitly requested kernel backend turns it into a
+  ValueError.
+  """
+  if backend == "xla" or (backend == "auto" and not common.on_hopper_gpu()):
+    return xla_fn(*args, **kwargs)
+  try:
+    return _mosaic_kernel(kernel_name)(
+        *args, interpret=backend == "interpret", **kwargs)
+  except NotImplementedError as e:
+    if backend == "auto":
+      return xla_fn(*args, **kwargs)
+    raise ValueError(f"backend={backend!r} cannot run this input: {e}") from e
+
+
+def _mosaic_kernel(name: str):
+  # Imported lazily: the Mosaic GPU modules are only needed off the XLA path.
+  if name == "gmm":
+    from pallas_kernels import gmm_mgpu
+    return gmm_mgpu.gmm_mgpu
+  from pallas_kernels import tgmm_mgpu
+  return tgmm_mgpu.tgmm_mgpu
+
+
+@functools.cache
+def _gmm_vjp(transpose_rhs: bool, out_dtype: jnp.dtype, backend: str):
+  run = functools.partial(_run_gmm, backend=backend)
+
+  @jax.custom_vjp
+  def f(lhs, rhs, group_sizes):
+    return run(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+               out_dtype=out_dtype)
+
+  def fwd(lhs, rhs, group_sizes):
+    return f(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+  def bwd(residuals, dout):
+    lhs, rhs, group_sizes = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = run(dout, rhs, group_sizes, transpose_rhs=not transpose_rhs,
+               out_dtype=lhs.dtype)
+    tgmm_operands = (dout, lhs) if transpose_rhs else (lhs, dout)
+    drhs = _run_tgmm(*tgmm_operands, group_sizes, out_dtype=rhs.dtype,
+                     backend=backend)
+    return dlhs, drhs, None
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+@functools.cache
+def _tgmm_vjp(out_dtype: jnp.dtype, backend: str):
+  @jax.custom_vjp
+  def f(lhs, rhs, group_sizes):
+    return _run_tgmm(lhs, rhs, group_sizes, out_dtype=out_dtype, backend=backend)
+
+  def fwd(lhs, rhs, group_sizes):
+    return f(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+  def bwd(residuals, dout):
+    lhs, rhs, group_sizes = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = _run_gmm(rhs, dout, group_sizes, transpose_rhs=True,
+                    out_dtype=lhs.dtype, backend=backend)
+    drhs = _run_gmm(lhs, dout, group_sizes, transpose_rhs=False,
+                    out_dtype=rhs.dtype, backend=backend)
+    return dlhs, drhs, None
+
+  f.defvjp(fwd, bwd)
+  return f

@@ -1,0 +1,43 @@
+"""The XLA implementation (`jax.lax.ragged_dot`): the reference every backend matches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# lhs [M, K] ragged in M, contracted with rhs [G, N, K] on its last axis.
+_GMM_TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2,)), ((), ())),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0],
+)
+# lhs [M, K] and rhs [M, N] contracted over their ragged rows: out [G, K, N].
+_TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+)
+
+
+def gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+            transpose_rhs: bool, out_dtype: jnp.dtype) -> jax.Array:
+  """out[rows of group g] = lhs[rows of g] @ rhs[g] (or rhs[g].T); [M, N] in out_dtype.
+
+  Rows past sum(group_sizes) are zero. Accumulates in float32.
+  """
+  if transpose_rhs:
+    out = jax.lax.ragged_dot_general(
+        lhs, rhs, group_sizes, _GMM_TRANSPOSED_DIMS,
+        preferred_element_type=jnp.float32)
+  else:
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes,
+                             preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)
+
+
+def tgmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+             out_dtype: jnp.dtype) -> jax.Array:
+  """out[g] = lhs[rows of g].T @ rhs[rows of g]; [G, K, N] in out_dtype, zero for empty g."""
+  out = jax.lax.ragged_dot_general(
+      lhs, rhs, group_sizes, _TGMM_DIMS, preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)

@@ -1,0 +1,181 @@
+"""Transposed grouped GEMM, `tgmm_mgpu`: out[g] = lhs_g.T @ rhs_g (weight gradients).
+
+A persistent Pallas Mosaic GPU kernel for Hopper. Work items are (group, k-tile,
+n-tile) triples; each runs a TMA + wgmma pipeline over the row blocks its group
+touches (`metadata.tgmm_metadata`, computed with XLA ops, so no loop over groups
+in the kernel) and writes one block_k x block_n tile of out[g]. An empty group
+runs no pipeline and writes the zero accumulator.
+
+Row blocks are block_m rows of lhs [M, K] and rhs [M, N]. A group's first and
+last block can hold rows of its neighbours (or padding rows past the sum, or
+rows past M that TMA fills with zeros)::
+
+    rows:   |.. group g-1 ..|==== group g ====|.. group g+1 ..|
+    blocks: [    b0    ][    b1    ][    b2    ][    b3    ]
+                  ^ masked                          ^ masked
+
+Those rows are set to zero in shared memory, in both operands (so that a NaN
+in a padding row cannot leak in through 0 * NaN), before the wgmma reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import config as config_lib
+from pallas_kernels import metadata as metadata_lib
+from pallas_kernels.gmm_mgpu import check_dtypes, check_hopper
+
+
+def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = False,
+                    config: config_lib.TgmmConfig | None = None) -> config_lib.TgmmConfig:
+  """Raises NotImplementedError for inputs `tgmm_mgpu` does not handle; returns the config.
+
+  Supported: bf16/fp16 operands of one dtype, M a multiple of 8, K and N
+  multiples of 64 (of the
+  block sizes), M >= 1, a Hopper GPU unless interpreting.
+  """
+  out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
+  check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
+  m, k = lhs.shape
+  n = rhs.shape[1]
+  for name, size in (("K", k), ("N", n)):
+    if size % 64:
+      raise NotImplementedError(f"{name}={size} is not a multiple of 64.")
+  if m == 0 or m % 8:
+    # TMA tiles the row dimension of lhs in 8s: M must split into whole tiles.
+    raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
+  if config is None:
+    config = config_lib.tgmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize)
+  config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
+  check_hopper(interpret)
+  return config
+
+
+def _smem_transforms(minor: int, dtype) -> tuple:
+  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _mask_rows(x_smem, first_row, row_start, row_end):
+  """Zeroes rows of a [block_m, cols] smem tile outside [row_start, row_end)."""
+  x = x_smem[...]
+  rows = first_row + plgpu.layout_cast(
+      lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
+  keep = (rows >= row_start) & (rows < row_end)
+  x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
+
+
+def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
+                 lhs_gmem, rhs_gmem, out_gmem, *, cfg):
+  num_groups = out_gmem.shape[0]
+  k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
+  grid_k, grid_n = k // cfg.block_k, n // cfg.block_n
+  lhs_transforms = _smem_transforms(cfg.block_k, lhs_gmem.dtype)
+  rhs_transforms = _smem_transforms(cfg.block_n, rhs_gmem.dtype)
+  out_transforms = _smem_transforms(cfg.block_n, out_gmem.dtype)
+
+  @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
+  def _item_loop(loop_info: plgpu.NDLoopInfo):
+    g = loop_info.index[0]
+    k_tile, n_tile = plgpu.planar_snake(
+        loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
+    row_start, row_end = row_start_gmem[g], row_end_gmem[g]
+    first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
+
+    def acc_scope(acc_ref):
+      def step(idx, lhs_smem, rhs_smem):
+        (b,) = idx
+
+        @pl.when((b == 0) | (b == num_blocks - 1))
+        def _():
+          block_row0 = (first_block + b) * cfg.block_m
+          _mask_rows(lhs_smem, block_row0, row_start, row_end)
+          _mask_rows(rhs_smem, block_row0, row_start, row_end)
+          plgpu.commit_smem()
+
+        plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
+        if cfg.max_concurrent_steps == 1:
+          # Without a second buffer the slot must be free before the next load.
+          plgpu.wgmma_wait(0)
+
+      release = 1 if cfg.max_concurrent_steps > 1 else 0
+
+      @pl.when(num_blocks > 0)  # An empty group keeps the zero accumulator.
+      def _():
+        plgpu.emit_pipeline(
+            step,
+            grid=(num_blocks,),
+            in_specs=[
+                plgpu.BlockSpec((cfg.block_m, cfg.block_k),
+                                lambda b: (first_block + b, k_tile),
+                                transforms=lhs_transforms, delay_release=release),
+                plgpu.BlockSpec((cfg.block_m, cfg.block_n),
+                                lambda b: (first_block + b, n_tile),
+                                transforms=rhs_transforms, delay_release=release),
+            ],
+            max_concurrent_steps=cfg.max_concurrent_steps,
+        )(lhs_gmem, rhs_gmem)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_k, cfg.block_n)))
+    _store_tile(acc, out_gmem.at[g, pl.ds(k_tile * cfg.block_k, cfg.block_k),
+                                 pl.ds(n_tile * cfg.block_n, cfg.block_n)],
+                out_transforms)
+
+
+def _store_tile(acc, out_gmem_tile, transforms):
+  @functools.partial(
+      pl.run_scoped,
+      o_smem=plgpu.SMEM(out_gmem_tile.shape, out_gmem_tile.dtype, transforms=transforms))
+  def _(o_smem):
+    o_smem[...] = acc.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_gmem_tile)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+              out_dtype=None, interpret: bool = False,
+              config: config_lib.TgmmConfig | None = None) -> jax.Array:
+  """Transposed grouped matmul: out[g] = lhs[rows of g].T @ rhs[rows of g].
+
+  Args:
+    lhs: [M, K] bf16 or fp16, rows sorted by group.
+    rhs: [M, N], same dtype and row order.
+    group_sizes: int32 [G]; sum(group_sizes) <= M; rows past the sum are ignored.
+    out_dtype: bf16, fp16 or f32 (default lhs.dtype); accumulation is float32.
+    interpret: run the same kernel in the Pallas Mosaic GPU interpreter (CPU).
+    config: block sizes; default `config.tgmm_config(M, K, N, G)`.
+
+  Returns:
+    [G, K, N] in out_dtype; zeros for empty groups.
+
+  Raises:
+    NotImplementedError: for inputs the kernel does not support (see
+      `check_supported`).
+  """
+  out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
+  cfg = check_supported(lhs, rhs, group_sizes, out_dtype=out_dtype,
+                        interpret=interpret, config=config)
+  m, k = lhs.shape
+  n = rhs.shape[1]
+  g = group_sizes.shape[0]
+  meta = metadata_lib.tgmm_metadata(group_sizes, m, cfg.block_m)
+  kernel = plgpu.kernel(
+      functools.partial(_tgmm_kernel, cfg=cfg),
+      out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+      grid=(config_lib.num_sms(),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return kernel(*meta.arrays(), lhs, rhs)

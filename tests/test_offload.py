@@ -1,0 +1,120 @@
+"""The offload policy: what is saved where, cuda placements, bitwise equality, bad names."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
+
+import jaxmoe
+from jaxmoe.offload import RESIDUAL_NAMES
+
+M, H, F, G = 40, 16, 32, 4
+SHAPES = {"fc1_input": (M, H), "activation_input": (M, F), "fc2_input": (M, F)}
+
+
+def _inputs(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((M, H)), dtype),
+          jnp.asarray(rng.standard_normal((G, H, F)) / 4, dtype),
+          jnp.asarray(rng.standard_normal((G, F, H)) / 6, dtype),
+          jnp.asarray(rng.uniform(0.1, 1, M), jnp.float32))
+
+
+GROUP_SIZES = jnp.array([11, 0, 20, 6], jnp.int32)  # 3 padding rows
+
+
+def _loss(x, w1, w2, p):
+  y = jaxmoe.grouped_mlp(x, w1, w2, GROUP_SIZES, p, backend="xla")
+  return jnp.sum(jnp.sin(y.astype(jnp.float32)))  # nonlinear: nothing is dead code
+
+
+def _placements():
+  """Every way to split the names into offloaded / recomputed / kept."""
+  for assignment in itertools.product("okr", repeat=3):
+    offload = tuple(n for n, a in zip(RESIDUAL_NAMES, assignment) if a == "o")
+    recompute = tuple(n for n, a in zip(RESIDUAL_NAMES, assignment) if a == "r")
+    yield offload, recompute
+
+
+@pytest.mark.parametrize("offload_names, recompute_names", list(_placements()))
+def test_saved_residuals_follow_the_policy(offload_names, recompute_names):
+  policy = jaxmoe.offload_policy(offload_names, recompute_names)
+  residuals = saved_residuals(jax.checkpoint(_loss, policy=policy), *_inputs())
+  host = [aval for aval, _ in residuals if "<host>" in aval.str_short()]
+  assert sorted(a.shape for a in host) == sorted(SHAPES[n] for n in offload_names)
+  kept = [n for n in RESIDUAL_NAMES if n not in offload_names + recompute_names]
+  named = {why.split("named '")[1].split("'")[0]
+           for _, why in residuals if "named '" in why}
+  assert named == set(kept)
+  # Nothing else of shape [M, F] (h or a recomputed) is saved on device.
+  on_device_mf = [a for a, _ in residuals
+                  if a.shape == (M, F) and "<host>" not in a.str_short()]
+  assert len(on_device_mf) == sum(SHAPES[n] == (M, F) for n in kept)
+
+
+@pytest.mark.parametrize("offload_names", [(), ("fc1_input",),
+                                           ("fc1_input", "activation_input"),
+                                           RESIDUAL_NAMES])
+def test_cuda_lowering_places_offloaded_names_in_pinned_host(offload_names):
+  grad = jax.jit(jax.grad(jax.checkpoint(_loss, policy=jaxmoe.offload_policy(offload_names)),
+                          argnums=(0, 1, 2, 3)))
+  text = grad.trace(*_inputs()).lower(lowering_platforms=("cuda",)).as_text()
+  host_lines = [line for line in text.splitlines()
+                if '_xla_buffer_placement = "pinned_host"' in line]
+  shapes = sorted(tuple(int(d) for d in line.split("(tensor<")[1].split("xf32")[0].split("x"))
+                  for line in host_lines)
+  assert shapes == sorted(SHAPES[n] for n in offload_names)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("offload_names, recompute_names", [
+    (("fc1_input", "activation_input"), ()),
+    (RESIDUAL_NAMES, ()),
+    (("fc1_input",), ("activation_input", "fc2_input")),
+])
+def test_offload_is_bitwise_equal_to_no_offload(offload_names, recompute_names, dtype):
+  inputs = _inputs(1, dtype)
+  reference = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 2, 3)))(*inputs)
+  policy = jaxmoe.offload_policy(offload_names, recompute_names)
+  offloaded = jax.jit(jax.value_and_grad(jax.checkpoint(_loss, policy=policy),
+                                         argnums=(0, 1, 2, 3)))(*inputs)
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(offloaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(offload_names=("fc1_inputs",)), "Unknown residual name 'fc1_inputs'"),
+    (dict(recompute_names="h"), "valid names are"),
+    (dict(offload_names=("fc2_input",), recompute_names=("fc2_input",)),
+     "both offloaded and recomputed"),
+])
+def test_bad_names_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jaxmoe.offload_policy(**kwargs)
+  with pytest.raises(ValueError, match=match):
+    jaxmoe.GroupedMLP(4, 8, 16, rngs=nnx.Rngs(0), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    jaxmoe.MoELayer(8, 16, 4, 2, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_a_single_name_may_be_a_string():
+  policy = jaxmoe.offload_policy("activation_input")
+  residuals = saved_residuals(jax.checkpoint(_loss, policy=policy), *_inputs())
+  assert [a.shape for a, _ in residuals if "<host>" in a.str_short()] == [(M, F)]
+
+
+def test_grouped_mlp_module_offloads_its_residuals():
+  mlp = jaxmoe.GroupedMLP(G, H, F, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x, _, _, p = _inputs(2)
+  graphdef, params = nnx.split(mlp)
+
+  def loss(params, x, p):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x, GROUP_SIZES, p)))
+
+  residuals = saved_residuals(loss, params, x, p)
+  host = sorted(a.shape for a, _ in residuals if "<host>" in a.str_short())
+  assert host == sorted([SHAPES["fc1_input"], SHAPES["activation_input"]])
