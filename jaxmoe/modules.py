@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxmoe import expert_parallel
 from jaxmoe import offload
 from jaxmoe import permutation
 from jaxmoe import routing
@@ -56,13 +57,25 @@ class GroupedMLP(nnx.Module):
   def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array,
                scales: jax.Array) -> jax.Array:
     """x_sorted [M, H] (rows sorted by expert), group_sizes [G] int32, scales [M] -> [M, H]."""
-    policy = offload.offload_policy(self.offload_names, self.recompute_names)
-    mlp = jax.checkpoint(
-        functools.partial(grouped_mlp, backend=self.backend, fused=self.fused),
-        policy=policy)
+    mlp = jax.checkpoint(self.pure_fn(), policy=self.policy())
+    return mlp(x_sorted.astype(self.dtype), self.weights(), group_sizes, scales)
+
+  def policy(self):
+    """The `jax.checkpoint` policy of this module's residual placement."""
+    return offload.offload_policy(self.offload_names, self.recompute_names)
+
+  def weights(self) -> dict[str, jax.Array | None]:
+    """w1, w2, b1, b2 cast to the compute dtype (None where absent)."""
     cast = lambda p: None if p is None else p[...].astype(self.dtype)
-    return mlp(x_sorted.astype(self.dtype), cast(self.w1), cast(self.w2),
-               group_sizes, scales, b1=cast(self.b1), b2=cast(self.b2))
+    return dict(w1=cast(self.w1), w2=cast(self.w2), b1=cast(self.b1), b2=cast(self.b2))
+
+  def pure_fn(self):
+    """(x_sorted, weights, group_sizes, scales) -> y: `grouped_mlp`, not checkpointed."""
+    def mlp(x_sorted, weights, group_sizes, scales):
+      return grouped_mlp(x_sorted, weights["w1"], weights["w2"], group_sizes, scales,
+                         b1=weights["b1"], b2=weights["b2"], backend=self.backend,
+                         fused=self.fused)
+    return mlp
 
 
 class MoELayer(nnx.Module):
@@ -85,6 +98,9 @@ class MoELayer(nnx.Module):
                router: routing.Router = "softmax", use_bias: bool = False,
                backend: common.Backend = "auto", fused: bool = True,
                dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               mesh: jax.sharding.Mesh | None = None, expert_axis: str = "expert",
+               data_axis: str | None = "data",
+               collective: expert_parallel.Collective = "auto",
                rngs: nnx.Rngs):
     if router not in routing.ROUTERS:
       raise ValueError(f"Unknown router {router!r}; expected one of {routing.ROUTERS}.")
@@ -103,6 +119,18 @@ class MoELayer(nnx.Module):
         offload_names=offload_names, recompute_names=recompute_names,
         backend=backend, fused=fused, dtype=dtype, param_dtype=param_dtype,
         rngs=rngs)
+    # Expert parallelism (jaxmoe/expert_parallel.py): experts split over
+    # `expert_axis`, tokens over `data_axis` x `expert_axis`.
+    self.mesh = mesh
+    if mesh is not None:
+      expert_parallel.check_mesh(mesh, expert_axis, data_axis, num_experts)
+      self.expert_axis = expert_axis
+      self.data_axis = data_axis
+      self.collective = expert_parallel.resolve_collective(collective, mesh)
+      expert_parallel.replicate_params({"router": self.router_kernel}, mesh)
+      expert_parallel.shard_expert_params(
+          {k: v for k, v in vars(self.experts).items() if isinstance(v, nnx.Param)},
+          mesh, expert_axis)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [..., H] -> (y [..., H] in the layer's dtype, aux).
@@ -114,12 +142,14 @@ class MoELayer(nnx.Module):
       raise ValueError(
           f"Expected x of shape [..., {self.hidden_size}], got {tuple(x.shape)}.")
     tokens = x.reshape(-1, self.hidden_size)
+    if self.mesh is not None:
+      y, aux = self._expert_parallel(tokens)
+      return y.reshape(*x.shape[:-1], self.hidden_size), aux
     logits = tokens.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)
     route = routing.route(logits, self.top_k, self.router)
     counts = routing.tokens_per_expert(route.expert_ids, self.num_experts)
     dispatch = permutation.plan_dispatch(route.expert_ids, route.weights, counts)
-    x_sorted = permutation.permute(tokens.astype(self.dtype), dispatch, self.top_k)
-    y_sorted = self.experts(x_sorted, counts, dispatch.scales)
+    y_sorted = self._permuted_experts(tokens.astype(self.dtype), dispatch)
     y = permutation.unpermute_and_combine(y_sorted, dispatch, self.top_k)
     aux = {
         "load_balancing_loss": routing.load_balancing_loss(route, counts),
@@ -127,3 +157,27 @@ class MoELayer(nnx.Module):
         "tokens_per_expert": counts,
     }
     return y.reshape(*x.shape[:-1], self.hidden_size), aux
+
+  def _expert_parallel(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """tokens [T, H] -> (y [T, H], aux) on self.mesh, same values as one device."""
+    config = expert_parallel.Config(
+        self.mesh, self.expert_axis, self.data_axis, self.num_experts, self.top_k,
+        self.router, self.dtype, self.collective)
+    mlp = jax.checkpoint(self.experts.pure_fn(), policy=self.experts.policy())
+    return expert_parallel.moe_forward(config, tokens, self.router_kernel[...],
+                                       self.experts.weights(), mlp)
+
+  def _permuted_experts(self, tokens: jax.Array,
+                        dispatch: permutation.Dispatch) -> jax.Array:
+    """tokens [T, H] -> y_sorted [T*k, H]: the gather and the expert MLP, checkpointed
+    together so that the gather can be redone from "moe_input" in backward."""
+    mlp = self.experts.pure_fn()
+    top_k = self.top_k
+
+    def permuted_mlp(tokens, weights, dispatch):
+      tokens = checkpoint_name(tokens, offload.MOE_INPUT)
+      x_sorted = permutation.permute(tokens, dispatch, top_k)
+      return mlp(x_sorted, weights, dispatch.group_sizes, dispatch.scales)
+
+    return jax.checkpoint(permuted_mlp, policy=self.experts.policy())(
+        tokens, self.experts.weights(), dispatch)

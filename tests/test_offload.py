@@ -118,3 +118,33 @@ def test_grouped_mlp_module_offloads_its_residuals():
   residuals = saved_residuals(loss, params, x, p)
   host = sorted(a.shape for a, _ in residuals if "<host>" in a.str_short())
   assert host == sorted([SHAPES["fc1_input"], SHAPES["activation_input"]])
+
+
+def _layer_residuals_and_grads(**placement):
+  tokens, top_k = 24, 2
+  layer = jaxmoe.MoELayer(H, F, G, top_k, dtype=jnp.float32, rngs=nnx.Rngs(0), **placement)
+  x = jax.random.normal(jax.random.key(0), (tokens, H))
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"]
+
+  residuals = saved_residuals(loss, params, x)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  return residuals, grads, (tokens, top_k)
+
+
+def test_moe_layer_can_offload_its_unpermuted_input_instead():
+  """OFFLOAD_UNPERMUTED: the [T, H] layer input goes to host, not the [T*k, H] rows."""
+  from jaxmoe.offload import OFFLOAD_UNPERMUTED
+  residuals, grads, (tokens, top_k) = _layer_residuals_and_grads(**OFFLOAD_UNPERMUTED)
+  host = sorted(a.shape for a, _ in residuals if "<host>" in a.str_short())
+  assert host == sorted([(tokens, H), (tokens * top_k, F)])
+  assert not [a for a, _ in residuals if a.shape == (tokens * top_k, H)], (
+      "fc1_input must be recomputed from moe_input, not saved")
+  _, default_grads, _ = _layer_residuals_and_grads()
+  _, device_grads, _ = _layer_residuals_and_grads(offload_names=())
+  for a, b, c in zip(*map(jax.tree.leaves, (grads, default_grads, device_grads))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

@@ -1,0 +1,219 @@
+"""Residual placement for a stack of MoE layers: step time, peak memory, bytes moved.
+
+For each shape and placement, a fresh process builds an L-layer `nnx.scan` stack of
+`MoELayer`s, runs a full training step (forward, backward, SGD update), and reports
+the median step time, the peak device memory, the bytes offloaded per step (predicted
+from the shapes and read from the compiled executable) and how much of the copy time
+was hidden under compute. Writes `benchmarks/results/offload.json`.
+
+    PYTHONPATH=. python benchmarks/offload.py                 # both shapes, all placements
+    PYTHONPATH=. python benchmarks/offload.py --shape compute_bound --placement device
+    PYTHONPATH=. python benchmarks/offload.py --small         # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "offload.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  hidden: int
+  ffn: int
+  experts: int
+  top_k: int
+  tokens: int  # per layer
+  layers: int
+
+
+SHAPES = {
+    # Mixtral-like experts: a lot of compute per byte of residual.
+    "compute_bound": Shape(hidden=4096, ffn=14336, experts=8, top_k=2, tokens=8192, layers=8),
+    # DeepSeek-like experts: top-8 makes fc1_input 8x the layer input. 4 layers: at 8,
+    # the bf16 weights and their gradients alone (60 GB) would not leave room.
+    "link_bound": Shape(hidden=7168, ffn=2048, experts=64, top_k=8, tokens=4096, layers=4),
+}
+SMALL = Shape(hidden=64, ffn=128, experts=4, top_k=2, tokens=64, layers=2)
+
+PLACEMENTS = {
+    "device": dict(offload_names=(), recompute_names=()),
+    "offload_default": dict(offload_names=("fc1_input", "activation_input"), recompute_names=()),
+    "offload_all": dict(offload_names=("fc1_input", "activation_input", "fc2_input"),
+                        recompute_names=()),
+    "offload_unpermuted": dict(offload_names=("moe_input", "activation_input"),
+                               recompute_names=("fc1_input",)),
+    "recompute_act": dict(offload_names=(), recompute_names=("activation_input", "fc2_input")),
+    "recompute_all": dict(offload_names=(),
+                          recompute_names=("fc1_input", "activation_input", "fc2_input")),
+}
+
+
+def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2) -> int:
+  rows = shape.tokens * shape.top_k
+  per_name = {"fc1_input": rows * shape.hidden, "activation_input": rows * shape.ffn,
+              "fc2_input": rows * shape.ffn, "moe_input": shape.tokens * shape.hidden}
+  return shape.layers * itemsize * sum(per_name[n] for n in offload_names)
+
+
+def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
+  """Device->pinned_host and pinned_host->device GB/s of one `device_put`."""
+  import jax
+  import jax.numpy as jnp
+  device = jax.devices()[0]
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  dev = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+  def timed(fn):
+    fn().block_until_ready()
+    times = []
+    for _ in range(5):
+      t0 = time.perf_counter(); fn().block_until_ready(); times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+  on_host = jax.device_put(x, host)
+  return timed(lambda: jax.device_put(x, host)), timed(lambda: jax.device_put(on_host, dev))
+
+
+def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: str) -> dict:
+  """Builds the stack, times the training step, returns one record."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  import jaxmoe
+
+  shape = SMALL if small else SHAPES[shape_name]
+  names = PLACEMENTS[placement]
+
+  @nnx.split_rngs(splits=shape.layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make_stack(rngs):
+    return jaxmoe.MoELayer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
+                           backend=backend, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           rngs=rngs, **names)
+
+  stack = make_stack(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(stack, optax.sgd(1e-3), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (shape.tokens, shape.hidden), jnp.bfloat16)
+  target = jax.random.normal(jax.random.key(2), x.shape, jnp.bfloat16)
+
+  def loss_fn(stack):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(h, layer):
+      y, aux = layer(h)
+      return h + y, aux["load_balancing_loss"]
+    y, lb = body(x, stack)
+    return jnp.mean((y.astype(jnp.float32) - target) ** 2) + 0.01 * jnp.mean(lb)
+
+  @nnx.jit
+  def train_step(stack, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(stack)
+    optimizer.update(stack, grads)
+    return loss
+
+  compiled_stats = None
+  try:
+    graphdef, state = nnx.split((stack, optimizer))
+    pure = jax.jit(lambda s: train_step(*nnx.merge(graphdef, s)))
+    compiled_stats = pure.lower(state).compile().memory_analysis()
+  except Exception as e:  # memory_analysis is best effort
+    print(f"memory_analysis unavailable: {e}", file=sys.stderr)
+  for _ in range(2):
+    jax.block_until_ready(train_step(stack, optimizer))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(train_step(stack, optimizer))
+    times.append(time.perf_counter() - t0)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {
+      "shape": shape_name, "placement": placement,
+      "step_ms": 1e3 * statistics.median(times),
+      "peak_bytes": stats.get("peak_bytes_in_use"),
+      "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
+      "hlo_host_temp_bytes": getattr(compiled_stats, "host_temp_size_in_bytes", None),
+      "tokens": shape.tokens, "layers": shape.layers, "H": shape.hidden, "F": shape.ffn,
+      "G": shape.experts, "top_k": shape.top_k, "backend": backend,
+  }
+
+
+def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
+  """bound_ms = max(compute, copy time); hidden share = 1 - overhead / copy time."""
+  device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
+  for r in records:
+    copy_ms = 1e3 * (r["offloaded_bytes"] / (d2h_gb_s * 1e9) + r["offloaded_bytes"] / (h2d_gb_s * 1e9))
+    compute_ms = device_ms.get(r["shape"], float("nan"))
+    r["copy_ms"] = copy_ms
+    r["bound_ms"] = max(compute_ms, copy_ms)
+    overhead = r["step_ms"] - compute_ms
+    r["hidden_share"] = min(max(1 - overhead / copy_ms, 0.0), 1.0) if copy_ms > 0 else None
+
+
+def print_table(records: list[dict]) -> None:
+  print(f"{'shape':14} {'placement':19} {'step ms':>8} {'x device':>8} {'peak GiB':>8} "
+        f"{'offl GiB':>8} {'HLO host GiB':>12} {'bound ms':>8} {'hidden':>6}")
+  device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
+  for r in records:
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
+    hidden = "" if r.get("hidden_share") is None else f"{100 * r['hidden_share']:.0f}%"
+    ratio = r["step_ms"] / device_ms[r["shape"]] if r["shape"] in device_ms else float("nan")
+    print(f"{r['shape']:14} {r['placement']:19} {r['step_ms']:8.1f} {ratio:8.2f} "
+          f"{gib(r['peak_bytes']):>8} {gib(r['offloaded_bytes']):>8} "
+          f"{gib(r['hlo_host_temp_bytes']):>12} {r.get('bound_ms', float('nan')):8.1f} {hidden:>6}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", choices=sorted(SHAPES), action="append")
+  p.add_argument("--placement", choices=list(PLACEMENTS), action="append")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--backend", default="auto")
+  p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--out", default=RESULTS)
+  args = p.parse_args()
+  shapes = args.shape or list(SHAPES)
+  placements = args.placement or list(PLACEMENTS)
+  if args.worker:  # One setting in this process: its peak memory is its own.
+    print(json.dumps(run_one(shapes[0], placements[0], args.small, args.steps, args.backend)))
+    return
+  records = []
+  for shape in shapes:
+    for placement in placements:
+      cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--placement", placement,
+             "--steps", str(args.steps), "--backend", args.backend] + (["--small"] if args.small else [])
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode != 0:
+        print(f"{shape}/{placement} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        continue
+      records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+      print(f"{shape}/{placement}: {records[-1]['step_ms']:.1f} ms", file=sys.stderr, flush=True)
+  import jax
+  d2h, h2d = measure_link_gb_s() if jax.default_backend() == "gpu" else (52.0, 52.0)
+  add_bounds(records, d2h, h2d)
+  device = jax.devices()[0]
+  result = {"card": device.device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "link_gb_s": {"d2h": d2h, "h2d": h2d}, "records": records}
+  if not args.small:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  print(f"{device.device_kind}, jax {jax.__version__}, link d2h {d2h:.1f} GB/s h2d {h2d:.1f} GB/s")
+  print_table(records)
+
+
+if __name__ == "__main__":
+  main()
