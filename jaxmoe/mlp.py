@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
+from pallas_kernels import activation
 from pallas_kernels import common
 from jaxmoe import offload
 
@@ -43,19 +44,13 @@ def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
   if b1 is not None:
     h = h + rows_of_groups(b1.astype(h.dtype), group_sizes, x.shape[0])
   h = checkpoint_name(h, offload.ACTIVATION_INPUT)
-  a = scaled_srelu(h, scales)
+  a = activation.scaled_srelu(h, scales, backend=backend)
   a = checkpoint_name(a, offload.FC2_INPUT)
   y = pallas_kernels.gmm(a, w2, group_sizes, backend=backend)
   if b2 is not None:
     b2_rows = rows_of_groups(b2.astype(jnp.float32), group_sizes, x.shape[0])
     y = (y + b2_rows * scales[:, None].astype(jnp.float32)).astype(y.dtype)
   return y
-
-
-def scaled_srelu(h: jax.Array, scales: jax.Array) -> jax.Array:
-  """relu(h)**2 * p[:, None], computed in float32; [M, F] in h.dtype."""
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return (relu * relu * scales[:, None].astype(jnp.float32)).astype(h.dtype)
 
 
 def rows_of_groups(table: jax.Array, group_sizes: jax.Array,

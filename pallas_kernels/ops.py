@@ -69,38 +69,38 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
 
 def _run_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, backend):
-  return _dispatch(backend, "gmm", reference.gmm_xla, lhs, rhs, group_sizes,
-                   transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+  return dispatch(backend, _gmm_kernel, reference.gmm_xla, lhs, rhs, group_sizes,
+                  transpose_rhs=transpose_rhs, out_dtype=out_dtype)
 
 
 def _run_tgmm(lhs, rhs, group_sizes, *, out_dtype, backend):
-  return _dispatch(backend, "tgmm", reference.tgmm_xla, lhs, rhs, group_sizes,
-                   out_dtype=out_dtype)
+  return dispatch(backend, _tgmm_kernel, reference.tgmm_xla, lhs, rhs, group_sizes,
+                  out_dtype=out_dtype)
 
 
-def _dispatch(backend, kernel_name, xla_fn, *args, **kwargs):
-  """Runs the Mosaic GPU kernel `kernel_name` or `xla_fn` as `backend` asks.
+def dispatch(backend: str, get_kernel, xla_fn, *args, **kwargs):
+  """Runs `get_kernel()(*args, interpret=..., **kwargs)` or `xla_fn` as `backend` asks.
 
-  A kernel signals an input it cannot take with NotImplementedError: "auto" then
-  falls back to XLA, an explicitly requested kernel backend turns it into a
-  ValueError.
+  `get_kernel` imports the Mosaic GPU kernel lazily. A kernel signals an input it
+  cannot take with NotImplementedError: "auto" then falls back to XLA, an
+  explicitly requested kernel backend turns it into a ValueError.
   """
   if backend == "xla" or (backend == "auto" and not common.on_hopper_gpu()):
     return xla_fn(*args, **kwargs)
   try:
-    return _mosaic_kernel(kernel_name)(
-        *args, interpret=backend == "interpret", **kwargs)
+    return get_kernel()(*args, interpret=backend == "interpret", **kwargs)
   except NotImplementedError as e:
     if backend == "auto":
       return xla_fn(*args, **kwargs)
     raise ValueError(f"backend={backend!r} cannot run this input: {e}") from e
 
 
-def _mosaic_kernel(name: str):
-  # Imported lazily: the Mosaic GPU modules are only needed off the XLA path.
-  if name == "gmm":
-    from pallas_kernels import gmm_mgpu
-    return gmm_mgpu.gmm_mgpu
+def _gmm_kernel():
+  from pallas_kernels import gmm_mgpu
+  return gmm_mgpu.gmm_mgpu
+
+
+def _tgmm_kernel():
   from pallas_kernels import tgmm_mgpu
   return tgmm_mgpu.tgmm_mgpu
 

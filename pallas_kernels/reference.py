@@ -41,3 +41,18 @@ def tgmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   out = jax.lax.ragged_dot_general(
       lhs, rhs, group_sizes, _TGMM_DIMS, preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
+
+
+def scaled_srelu_xla(h: jax.Array, p: jax.Array) -> jax.Array:
+  """a = relu(h)**2 * p[:, None] in float32; [M, F] in h.dtype."""
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return (relu * relu * p[:, None].astype(jnp.float32)).astype(h.dtype)
+
+
+def scaled_srelu_bwd_xla(da: jax.Array, h: jax.Array,
+                         p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(da, h [M, F], p [M]) -> (dh [M, F] in h.dtype, dp [M] float32)."""
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  da = da.astype(jnp.float32)
+  dh = da * p[:, None].astype(jnp.float32) * (2.0 * relu)
+  return dh.astype(h.dtype), jnp.sum(da * relu * relu, axis=1)
