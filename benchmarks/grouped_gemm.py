@@ -49,11 +49,11 @@ RAGGED_MGPU_CONFIGS = ((128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (64, 128, 64,
                        (128, 64, 64, 5, 4), (192, 128, 64, 3, 4))
 GMM_SWEEP = (
     config_lib.GmmConfig(128, 128, 64, 5, 4),
-    config_lib.GmmConfig(128, 128, 64, 5, 8),
-    config_lib.GmmConfig(128, 128, 64, 5, 1),
     config_lib.GmmConfig(128, 192, 64, 4, 4),
-    config_lib.GmmConfig(192, 128, 64, 4, 4),
-    config_lib.GmmConfig(64, 256, 64, 4, 4),
+    config_lib.GmmConfig(128, 128, 64, 3, 4, num_compute_wgs=2),
+    config_lib.GmmConfig(128, 128, 64, 3, 8, num_compute_wgs=2),
+    config_lib.GmmConfig(128, 128, 64, 3, 2, num_compute_wgs=2),
+    config_lib.GmmConfig(64, 128, 64, 4, 4, num_compute_wgs=2),
 )
 
 
@@ -80,7 +80,7 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
   if sweep:
     best = None
     for cfg in GMM_SWEEP:
-      if n % cfg.block_n:
+      if n % cfg.cta_block_n:
         continue
       try:
         ms = time_ms(jax.jit(functools.partial(gmm_mgpu, config=cfg)), x, w, gs)
@@ -91,13 +91,16 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
       if best is None or ms < best[0]:
         best = (ms, cfg)
     fwd_cfg = best[1] if best else None
+  # dgrad is gmm with N and K swapped: reuse the forward's best config if it fits.
+  dgrad_cfg = fwd_cfg if fwd_cfg is not None and k % fwd_cfg.cta_block_n == 0 else None
   fwd = jax.jit(functools.partial(gmm_mgpu, config=fwd_cfg))
-  dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True))
+  dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True, config=dgrad_cfg))
   wgrad = jax.jit(tgmm_mgpu)
 
   @jax.jit
   def fwd_bwd(x, w, gs, dy):
-    return (gmm_mgpu(x, w, gs, config=fwd_cfg), gmm_mgpu(dy, w, gs, transpose_rhs=True),
+    return (gmm_mgpu(x, w, gs, config=fwd_cfg),
+            gmm_mgpu(dy, w, gs, transpose_rhs=True, config=dgrad_cfg),
             tgmm_mgpu(x, dy, gs))
 
   for name, fn, args, passes in (("fwd", fwd, (x, w, gs), 1),
@@ -108,6 +111,7 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
     records.append(dict(pass_=name, impl="jaxmoe", tflops=_tflops(m, k, n, passes, ms)))
   if fwd_cfg is not None:
     records[0]["config"] = str(fwd_cfg)
+    records[1]["config"] = str(dgrad_cfg)
   return records
 
 
@@ -119,7 +123,7 @@ def _vjp_fn(f):
   return fwd_bwd
 
 
-def bench_anchors(x, w, gs, dy, m, k, n, g, log):
+def bench_anchors(x, w, gs, dy, m, k, n, g, log, dense_only=False):
   records = []
   w0 = w[0]
   dense = lambda x, w, gs: x @ w  # noqa: E731
@@ -127,6 +131,8 @@ def bench_anchors(x, w, gs, dy, m, k, n, g, log):
   records.append(dict(pass_="fwd", impl="dense", tflops=_tflops(m, k, n, 1, ms)))
   ms = time_ms(_vjp_fn(dense), x, w0, gs, dy)
   records.append(dict(pass_="fwd+bwd", impl="dense", tflops=_tflops(m, k, n, 3, ms)))
+  if dense_only:
+    return records
   if m * n * g <= 16384 * 4096 * 64:  # XLA's ragged_dot runs out of memory beyond.
     ragged = lambda x, w, gs: jax.lax.ragged_dot(x, w, gs)  # noqa: E731
     ms = time_ms(jax.jit(ragged), x, w, gs)
@@ -191,7 +197,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="first two shapes only")
   parser.add_argument("--sweep", action="store_true", help="sweep gmm forward configs")
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--no-anchors", action="store_true")
+  parser.add_argument("--anchors", choices=("all", "dense", "none"), default="all")
   parser.add_argument("--log", default=None)
   args = parser.parse_args()
   log_file = open(args.log, "a") if args.log else None
@@ -209,8 +215,8 @@ def main() -> None:
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     gs = jnp.asarray(random_group_sizes(m, g))
     recs = bench_jaxmoe(x, w, gs, dy, m, k, n, g, args.sweep, log)
-    if not args.no_anchors:
-      recs += bench_anchors(x, w, gs, dy, m, k, n, g, log)
+    if args.anchors != "none":
+      recs += bench_anchors(x, w, gs, dy, m, k, n, g, log, args.anchors == "dense")
     for r in recs:
       r = {"M": m, "K": k, "N": n, "G": g, "pass": r.pop("pass_"), **r}
       log(json.dumps(r))

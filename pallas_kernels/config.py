@@ -41,12 +41,22 @@ class GmmConfig:
     max_concurrent_steps: pipeline depth (shared-memory stages of lhs and rhs tiles).
     grid_block_n: width, in n-tiles, of the planar-snake band the persistent loop
       walks (consecutive work items share an lhs tile or an rhs tile in L2).
+    num_compute_wgs: 1: one warpgroup issues the TMA loads and the wgmmas of a
+      block_m x block_n tile. 2: warp-specialised, a producer warpgroup loads
+      and two consumer warpgroups each compute a block_m x block_n half of a
+      block_m x (2*block_n) tile (as in JAX's hopper_matmul_mgpu).
   """
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   max_concurrent_steps: int = 4
   grid_block_n: int = 4
+  num_compute_wgs: int = 1
+
+  @property
+  def cta_block_n(self) -> int:
+    """Output columns of one work item (all consumer warpgroups together)."""
+    return self.block_n * self.num_compute_wgs
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -60,14 +70,17 @@ class GmmConfig:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    if self.num_compute_wgs not in (1, 2):
+      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
           f"(at most {SMEM_BYTES}).")
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    stage = (self.block_m + self.block_n) * self.block_k * in_itemsize
-    return stage * self.max_concurrent_steps + self.block_m * self.block_n * out_itemsize
+    stage = (self.block_m + self.cta_block_n) * self.block_k * in_itemsize
+    return (stage * self.max_concurrent_steps
+            + self.block_m * self.cta_block_n * out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
@@ -75,8 +88,9 @@ class GmmConfig:
     _check_smem(self, in_itemsize, out_itemsize)
     if k % self.block_k:
       raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
-    if n % self.block_n:
-      raise NotImplementedError(f"N={n} is not a multiple of block_n={self.block_n}.")
+    if n % self.cta_block_n:
+      raise NotImplementedError(
+          f"N={n} is not a multiple of {self.num_compute_wgs}*block_n={self.cta_block_n}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +141,19 @@ class TgmmConfig:
       raise NotImplementedError(f"N={n} is not a multiple of block_n={self.block_n}.")
 
 
-# (M, K, N, G) -> config, tuned on an H100 80GB (bf16, random group sizes).
-# Entries are only added from measurements (benchmarks/grouped_gemm.py --sweep).
-GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {}
+_WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
+           num_compute_wgs=2)
+# (M, K, N, G) -> forward config, the best of benchmarks/grouped_gemm.py --sweep
+# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-25). The
+# same shapes' dgrad (N and K swapped) takes the heuristic.
+GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
+    (16384, 4096, 2048, 8): GmmConfig(**_WS, grid_block_n=4),      # 639 TF/s
+    (16384, 2048, 4096, 8): GmmConfig(**_WS, grid_block_n=8),      # 601
+    (16384, 4096, 1024, 64): GmmConfig(**_WS, grid_block_n=4),     # 404
+    (16384, 1024, 4096, 64): GmmConfig(**_WS, grid_block_n=8),     # 349
+    (65536, 2048, 1536, 128): GmmConfig(**_WS, grid_block_n=8),    # 498
+    (32768, 7168, 2048, 256): GmmConfig(128, 128, 64, 5, 4),       # 266 (ws: 254)
+}
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 
 
@@ -137,29 +161,41 @@ def _largest_dividing(n: int, candidates: tuple[int, ...]) -> int | None:
   return next((c for c in candidates if n % c == 0), None)
 
 
-def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConfig:
-  """The tuned config for this shape if there is one, else a heuristic one.
-
-  Large problems get 128x(192|128) tiles (about the biggest accumulator one
-  warpgroup holds in registers) with the deepest pipeline that fits; small ones 64-row tiles so that more
-  SMs get work and less is wasted at group boundaries.
-  """
-  if (m, k, n, g) in GMM_TUNED:
-    return GMM_TUNED[(m, k, n, g)]
-  block_k = 64
-  block_m = 128 if m >= 128 * 8 else 64
-  # A 128x256 float32 accumulator would take all 255 registers of a thread.
-  block_n = _largest_dividing(n, (192, 128, 64) if block_m == 128 else (256, 128, 64))
-  # The deepest pipeline that fits beside the output staging buffer.
-  for steps in (5, 4, 3, 2):
+def _deepest(make, steps, out_itemsize: int):
+  """The first config make(s) for s in steps that is valid and fits in shared memory."""
+  for s in steps:
     try:
-      cfg = GmmConfig(block_m=block_m, block_n=block_n, block_k=block_k,
-                      max_concurrent_steps=steps)
+      cfg = make(s)
     except ValueError:
       continue
     if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
       return cfg
-  return GmmConfig(block_m=block_m, block_n=64, block_k=block_k)
+  return None
+
+
+def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConfig:
+  """The tuned config for this shape if there is one, else a heuristic one.
+
+  Heuristic (from the H100 sweep): when N splits into 256-column tiles, the
+  warp-specialised kernel with two 128x128 consumer warpgroups and a 3-deep
+  pipeline (5-8% faster than one warpgroup at G=8 and G=64); otherwise one
+  warpgroup with a 128x(192|128) tile (about the largest float32 accumulator a
+  warpgroup holds in registers) and the deepest pipeline that fits. Small M
+  gets 64-row tiles.
+  """
+  tuned = GMM_TUNED.get((m, k, n, g))
+  if tuned is not None and tuned.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
+    return tuned
+  block_m = 128 if m >= 128 * 8 else 64
+  if block_m == 128 and n % 256 == 0:
+    cfg = _deepest(lambda s: GmmConfig(128, 128, 64, s, 4, num_compute_wgs=2), (3,),
+                   out_itemsize)
+    if cfg is not None:
+      return cfg
+  # A 128x256 float32 accumulator would take all 255 registers of a thread.
+  block_n = _largest_dividing(n, (192, 128, 64) if block_m == 128 else (256, 128, 64))
+  cfg = _deepest(lambda s: GmmConfig(block_m, block_n, 64, s), (5, 4, 3, 2), out_itemsize)
+  return cfg or GmmConfig(block_m=block_m, block_n=64, block_k=64)
 
 
 def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmConfig:
@@ -169,15 +205,8 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmCo
   block_k = _largest_dividing(k, (128, 64)) or 64
   # 128x128: a larger float32 accumulator crowds one warpgroup's registers.
   block_n = _largest_dividing(n, (128, 64)) or 64
-  for steps in (4, 3, 2):
-    try:
-      cfg = TgmmConfig(block_m=64, block_k=block_k, block_n=block_n,
-                       max_concurrent_steps=steps)
-    except ValueError:
-      continue
-    if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
-      return cfg
-  return TgmmConfig(block_m=64, block_k=64, block_n=64)
+  cfg = _deepest(lambda s: TgmmConfig(64, block_k, block_n, s), (4, 3, 2), out_itemsize)
+  return cfg or TgmmConfig(block_m=64, block_k=64, block_n=64)
 
 
 def num_sms() -> int:

@@ -10,11 +10,15 @@ Design:
     one per (group or padding segment, m-tile) pair, so the kernel never loops
     over the groups. The item loop is `plgpu.nd_loop` over (item, n-tile),
     spread over all SMs (persistent grid) in planar-snake order for L2 reuse.
-  * The main loop is a TMA + wgmma pipeline (`plgpu.emit_pipeline`) over K.
+  * The main loop is a TMA + wgmma pipeline over K: `plgpu.emit_pipeline` in
+    one warpgroup (`_gmm_kernel`), or warp-specialised with a TMA producer
+    warpgroup and two consumer warpgroups (`_gmm_kernel_ws`,
+    config.num_compute_wgs=2, the default for large shapes).
   * `_store_rows` writes only the item's rows of the tile, with a ladder of TMA
-    stores (see there). Padding items skip the main loop and store the zero
-    accumulator, so every output row is written by the kernel and no wrapper
-    pass over the output is needed.
+    stores (see there), and leaves them in flight over the next item's main
+    loop. Padding items skip the main loop and store the zero accumulator, so
+    every output row is written by the kernel and no wrapper pass over the
+    output is needed.
   * The epilogue is a named helper, `_epilogue`, so that a fused epilogue (a
     scale read per row, several outputs) can replace it without touching the
     main loop.
@@ -27,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -78,9 +83,8 @@ def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
   """Raises NotImplementedError for inputs `gmm_mgpu` does not handle; returns the config.
 
   Shapes are assumed valid (`common.validate_gmm`); this checks what the kernel
-  supports: bf16/fp16 operands, M a multiple of 8, K and N multiples of 64 (of
-  the block sizes),
-  a Hopper GPU unless interpreting.
+  supports: bf16/fp16 operands, M a positive multiple of 8, K and N multiples of
+  64 (and of the block sizes), a Hopper GPU unless interpreting.
   """
   out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
   check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
@@ -99,9 +103,18 @@ def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
   return config
 
 
-def _mainloop(acc_ref, lhs_gmem, rhs_gmem, m_tile, n_tile, *, cfg, transpose_rhs):
-  """acc_ref += lhs[m-tile, :] @ rhs[:, n-tile] (rhs: one group's [K, N] or [N, K])."""
-  k = lhs_gmem.shape[1]
+def _smem_transforms(minor: int, dtype) -> tuple:
+  """128-byte (or smaller) swizzle for tiles whose minor dimension has `minor` elements."""
+  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _mainloop(acc_ref, lhs_gmem, rhs_gmem, tile_row0, n_tile, *, cfg, transpose_rhs):
+  """acc_ref += lhs[tile rows, :] @ rhs[:, n-tile] (rhs: one group's [K, N] or [N, K])."""
+  m, k = lhs_gmem.shape
+  if m >= cfg.block_m:  # The tile may start at any row (see metadata.py).
+    lhs_gmem = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), cfg.block_m)]
 
   def step(_, lhs_smem, rhs_smem):
     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if transpose_rhs else rhs_smem)
@@ -116,7 +129,7 @@ def _mainloop(acc_ref, lhs_gmem, rhs_gmem, m_tile, n_tile, *, cfg, transpose_rhs
       step,
       grid=(k // cfg.block_k,),
       in_specs=[
-          plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (m_tile, ki),
+          plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (0, ki),
                           delay_release=1),
           rhs_spec,
       ],
@@ -124,8 +137,12 @@ def _mainloop(acc_ref, lhs_gmem, rhs_gmem, m_tile, n_tile, *, cfg, transpose_rhs
   )(lhs_gmem, rhs_gmem)
 
 
-def _store_rows(tile, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
+def _store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
+
+  The tile goes to o_smem, then out by TMA. The stores are not awaited here: the
+  next item's main loop runs while they drain, and the next call waits for them
+  before it overwrites o_smem.
 
   TMA stores have static shapes but the row count is only known at run time,
   so the rows go out as a ladder of power-of-two TMA stores, one per set bit
@@ -134,71 +151,175 @@ def _store_rows(tile, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
       smem rows  3..6   one store of 4 rows   (bit 2 of 5)
       smem row   7      one store of 1 row    (bit 0 of 5)
 
-  Other items write the rest of the tile's rows (other groups or the padding).
+  Other items write the tile's other rows (other groups or the padding).
   """
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  o_smem[...] = tile
+  plgpu.commit_smem()
+  count = row_end - row_start
+  smem_row = row_start - tile_row0
+  n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
+  for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
+    rows = 1 << bit
+    if rows > out_gmem.shape[0]:
+      continue
 
-  @functools.partial(
-      pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_gmem.dtype))
-  def _(o_smem):
-    o_smem[...] = tile
-    plgpu.commit_smem()
-    count = row_end - row_start
-    smem_row = row_start - tile_row0
-    n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
-    for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
-      rows = 1 << bit
+    @pl.when((count & rows) != 0)
+    def _():
+      plgpu.copy_smem_to_gmem(
+          o_smem.at[pl.ds(smem_row, rows)],
+          out_gmem.at[pl.ds(tile_row0 + smem_row, rows), n_slice])
 
-      @pl.when((count & rows) != 0)
-      def _():
-        plgpu.copy_smem_to_gmem(
-            o_smem.at[pl.ds(smem_row, rows)],
-            out_gmem.at[pl.ds(tile_row0 + smem_row, rows), n_slice])
-
-      smem_row = smem_row + (count & rows)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    smem_row = smem_row + (count & rows)
 
 
-def _epilogue(acc, out_gmem, **where):
+def _epilogue(acc, o_smem, out_gmem, **where):
   """The default epilogue: cast the float32 accumulator and store the item's rows.
 
   A fused epilogue (issue 4: scaled squared-ReLU) replaces this: it receives the
-  same accumulator and row bookkeeping (`where`), may read per-row operands for
-  rows [where["tile_row0"], +block_m), and stores one or more outputs with
-  `_store_rows`.
+  same accumulator and row bookkeeping (`where`: tile_row0, row_start, row_end,
+  n_tile), may read per-row operands for rows [tile_row0, +block_m), and stores
+  one or more outputs with `_store_rows` (one o_smem buffer per output).
   """
-  _store_rows(acc.astype(out_gmem.dtype), out_gmem, **where)
+  _store_rows(acc.astype(out_gmem.dtype), o_smem, out_gmem, **where)
 
 
-def _gmm_kernel(group_id_gmem, m_tile_gmem, row_start_gmem, row_end_gmem,
+def _gmm_kernel(group_id_gmem, tile_row0_gmem, row_start_gmem, row_end_gmem,
                 compute_gmem, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs,
                 num_items):
   n = out_gmem.shape[1]
   grid_n = n // cfg.block_n
 
-  @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
-  def _item_loop(loop_info: plgpu.NDLoopInfo):
-    item, n_tile = plgpu.planar_snake(
-        loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
-    row_start = row_start_gmem[item]
-    row_end = row_end_gmem[item]
+  @functools.partial(
+      pl.run_scoped,
+      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_gmem.dtype))
+  def _(o_smem):
+    @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+    def _item_loop(loop_info: plgpu.NDLoopInfo):
+      item, n_tile = plgpu.planar_snake(
+          loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+      row_start = row_start_gmem[item]
+      row_end = row_end_gmem[item]
 
-    @pl.when(row_end > row_start)  # Unused items do nothing.
-    def _():
-      m_tile = m_tile_gmem[item]
-      group = group_id_gmem[item]
+      @pl.when(row_end > row_start)  # Unused items do nothing.
+      def _():
+        tile_row0 = tile_row0_gmem[item]
+        group = group_id_gmem[item]
 
-      def acc_scope(acc_ref):
-        # Padding items keep the zero accumulator.
-        @pl.when(compute_gmem[item] != 0)
+        def acc_scope(acc_ref):
+          # Padding items keep the zero accumulator.
+          @pl.when(compute_gmem[item] != 0)
+          def _():
+            _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], tile_row0, n_tile,
+                      cfg=cfg, transpose_rhs=transpose_rhs)
+          return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
+        _epilogue(acc, o_smem, out_gmem, tile_row0=tile_row0, row_start=row_start,
+                  row_end=row_end, n_tile=n_tile, cfg=cfg)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs):
+  """The warp-specialised K pipeline: lhs [block_m, block_k] and rhs tiles of
+  [block_k, 2*block_n] (or [2*block_n, block_k]) per step, in swizzled smem."""
+  transforms = _smem_transforms(cfg.block_k, dtype)
+  if transpose_rhs:
+    rhs_spec = plgpu.BlockSpec((cfg.cta_block_n, cfg.block_k), lambda ki: (0, ki),
+                               transforms=transforms, memory_space=plgpu.SMEM)
+  else:
+    rhs_spec = plgpu.BlockSpec((cfg.block_k, cfg.cta_block_n), lambda ki: (ki, 0),
+                               transforms=transforms, memory_space=plgpu.SMEM)
+  return plgpu.emit_pipeline_warp_specialized(
+      body,
+      grid=(k // cfg.block_k,),
+      memory_registers=40,
+      in_specs=[
+          plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (0, ki),
+                          transforms=transforms, memory_space=plgpu.SMEM),
+          rhs_spec,
+      ],
+      wg_axis="wg",
+      num_compute_wgs=cfg.num_compute_wgs,
+      max_concurrent_steps=cfg.max_concurrent_steps,
+      compute_context=compute_context,
+  )
+
+
+def _gmm_kernel_ws(group_id_gmem, tile_row0_gmem, row_start_gmem, row_end_gmem,
+                   compute_gmem, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs,
+                   num_items):
+  """Warp-specialised variant (cfg.num_compute_wgs == 2), after hopper_matmul_mgpu.
+
+  Warpgroup 2 only issues TMA loads; warpgroups 0 and 1 each own a
+  block_m x block_n accumulator, the left and right halves of the item's
+  block_m x (2*block_n) tile, and run the epilogue on it.
+  """
+  m, k = lhs_gmem.shape
+  n = out_gmem.shape[1]
+  bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
+  grid_n = n // cta_n
+  get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
+                                   transpose_rhs=transpose_rhs)
+  ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies
+
+  @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
+          lhs_gmem, rhs_gmem.at[0]),
+      o_smem=plgpu.SMEM((cfg.num_compute_wgs, bm, bn), dtype=out_gmem.dtype),
+      collective_axes="wg",
+  )
+  def _(pipeline_allocs, o_smem):
+    wg = lax.axis_index("wg")
+
+    @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+    def _item_loop(loop_info: plgpu.NDLoopInfo):
+      item, n_cta = plgpu.planar_snake(
+          loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+      row_start = row_start_gmem[item]
+      row_end = row_end_gmem[item]
+
+      @pl.when(row_end > row_start)  # Unused items do nothing.
+      def _():
+        tile_row0 = tile_row0_gmem[item]
+        compute = compute_gmem[item]
+        where = dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
+                     n_tile=n_cta * cfg.num_compute_wgs + wg, cfg=cfg)
+
+        def compute_context(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            _epilogue(acc_ref[...], o_smem.at[wg], out_gmem, **where)
+
+        def mma(_, lhs_smem, rhs_smem, acc_ref):
+          if transpose_rhs:
+            rhs_wg = rhs_smem.at[pl.ds(wg * bn, bn)].T
+          else:
+            rhs_wg = rhs_smem.at[:, pl.ds(wg * bn, bn)]
+          plgpu.wgmma(acc_ref, lhs_smem, rhs_wg)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        @pl.when(compute != 0)
         def _():
-          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], m_tile, n_tile,
-                    cfg=cfg, transpose_rhs=transpose_rhs)
-        return acc_ref[...]
+          lhs_rows = lhs_gmem
+          if m >= bm:
+            lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), bm)]
+          cols = pl.ds(n_cta * cta_n, cta_n)
+          rhs_g = rhs_gmem.at[group_id_gmem[item]]
+          rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
+          get_pipeline(mma, compute_context)(
+              lhs_rows, rhs_cols, allocations=pipeline_allocs)
 
-      acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
-      _epilogue(acc, out_gmem, tile_row0=m_tile * cfg.block_m, row_start=row_start,
-                row_end=row_end, n_tile=n_tile, cfg=cfg)
+        @pl.when((compute == 0) & (wg < cfg.num_compute_wgs))  # Padding: zeros.
+        def _():
+          zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
+          _epilogue(zeros, o_smem.at[wg], out_gmem, **where)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -229,12 +350,15 @@ def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   m = lhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
+  warp_specialized = cfg.num_compute_wgs > 1
   kernel = plgpu.kernel(
-      functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs,
-                        num_items=meta.num_items),
+      functools.partial(_gmm_kernel_ws if warp_specialized else _gmm_kernel, cfg=cfg,
+                        transpose_rhs=transpose_rhs, num_items=meta.num_items),
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(config_lib.num_sms(),),
       grid_names=("sm",),
+      num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,
+      thread_name="wg" if warp_specialized else None,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,

@@ -7,19 +7,22 @@ lowers to the same code as G = 1.
 gmm (out [M, N] = rows of lhs times their group's rhs)
 ------------------------------------------------------
 Rows [0, M) are cut into segments: group 0, group 1, ..., group G-1, and a final
-"padding" segment [sum(group_sizes), M) whose output rows must be zeros. A work
-item is one (segment, m-tile) pair where the segment meets the tile::
+"padding" segment [sum(group_sizes), M) whose output rows must be zeros. Each
+segment is cut into tiles of block_m rows counted from its own first row
+rounded down to a multiple of 8 (TMA reads lhs in 8-row tiles), not from row 0,
+so a group of s rows costs about cdiv(s, block_m) tiles wherever it starts::
 
-        m-tile 0        m-tile 1        m-tile 2
-     |---------------|---------------|-------|
-     [ group 0  ][ group 1      ][ g2 ][pad ]
-     item 0      item 1  item 2   item 3 item 4 (items 2 and 3 share m-tile 1...)
+    rows   |---- group 0 ----|------- group 1 -------|-- pad --|
+    items  [  0   ][  1  ]  [  2   ][  3   ][  4  ]  [  5  ]
+                            tile_row0 of item 2 = start of group 1, rounded down to 8
 
-Each item computes a full block_m-row tile of lhs @ rhs[group] but stores only
-its own rows [row_start, row_end); padding items compute nothing and store
-zeros. Non-empty segments cover at most cdiv(M, block_m) + G tiles together, so
-`num_items = cdiv(M, block_m) + G` is a static bound; unused items have
-row_start == row_end and do nothing.
+Each item computes a full block_m-row tile of lhs @ rhs[group] (rows past the
+segment belong to the next one and are computed but not stored) and stores only
+rows [row_start, row_end). A tile that would run past M is moved up to end at M
+(tile_row0 = M - block_m), so every load stays in bounds. Padding items compute
+nothing and store zeros. The G + 1 segments together take at most
+(M + (G + 1) * (block_m + 6)) / block_m tiles, which `gmm_num_items` rounds up to
+a static bound; unused items have row_start == row_end and do nothing.
 
 tgmm (out [G, K, N], out[g] = lhs_g.T @ rhs_g)
 ----------------------------------------------
@@ -43,15 +46,16 @@ class GmmMetadata:
   Attributes:
     group_id: the rhs group the item multiplies by, in [0, G) (clamped to a
       valid group for padding and unused items, which never read it).
-    m_tile: the lhs row tile the item loads: rows [m_tile*block_m, +block_m).
-    row_start: first output row (absolute) the item writes.
+    tile_row0: first lhs row of the item's block_m-row tile: a multiple of 8,
+      not of block_m; max(0, M - block_m) at most.
+    row_start: first output row (absolute) the item writes, >= tile_row0.
     row_end: one past the last output row the item writes (== row_start for an
-      unused item).
+      unused item), <= tile_row0 + block_m.
     compute: 1 if the rows are lhs @ rhs[group_id], 0 if they are zeros
       (padding rows past sum(group_sizes), or an unused item).
   """
   group_id: jax.Array
-  m_tile: jax.Array
+  tile_row0: jax.Array
   row_start: jax.Array
   row_end: jax.Array
   compute: jax.Array
@@ -61,12 +65,12 @@ class GmmMetadata:
     return self.group_id.shape[0]
 
   def arrays(self) -> tuple[jax.Array, ...]:
-    return (self.group_id, self.m_tile, self.row_start, self.row_end, self.compute)
+    return (self.group_id, self.tile_row0, self.row_start, self.row_end, self.compute)
 
 
 def gmm_num_items(m: int, num_groups: int, block_m: int) -> int:
-  """Static upper bound on the number of gmm work items."""
-  return -(-m // block_m) + num_groups
+  """Static upper bound on the number of gmm work items (see the module docstring)."""
+  return -(-(m + (num_groups + 1) * (block_m + 6)) // block_m)
 
 
 def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
@@ -85,9 +89,9 @@ def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
   # Segment g (== G) is the padding tail.
   seg_start = jnp.concatenate([starts, total[None]])
   seg_end = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
-  first_tile = seg_start // block_m
+  tile_base = seg_start // 8 * 8
   num_tiles = jnp.where(seg_end > seg_start,
-                        (seg_end - 1) // block_m - first_tile + 1, 0)
+                        (seg_end - tile_base + block_m - 1) // block_m, 0)
   item_end = jnp.cumsum(num_tiles)
   item_begin = item_end - num_tiles
 
@@ -95,13 +99,14 @@ def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
   seg = jnp.searchsorted(item_end, item, side="right").astype(jnp.int32)
   used = seg <= g
   seg = jnp.minimum(seg, g)
-  m_tile = first_tile[seg] + item - item_begin[seg]
-  row_start = jnp.maximum(seg_start[seg], m_tile * block_m)
-  row_end = jnp.minimum(seg_end[seg], (m_tile + 1) * block_m)
+  tile_start = tile_base[seg] + (item - item_begin[seg]) * block_m
+  row_start = jnp.maximum(seg_start[seg], tile_start)
+  row_end = jnp.minimum(seg_end[seg], tile_start + block_m)
+  tile_row0 = jnp.clip(tile_start, 0, max(m - block_m, 0))
   zero = jnp.zeros_like(item)
   return GmmMetadata(
       group_id=jnp.minimum(seg, max(g - 1, 0)),
-      m_tile=jnp.where(used, m_tile, zero),
+      tile_row0=jnp.where(used, tile_row0, zero),
       row_start=jnp.where(used, row_start, zero),
       row_end=jnp.where(used, row_end, zero),
       compute=(used & (seg < g)).astype(jnp.int32),

@@ -14,8 +14,10 @@ rows past M that TMA fills with zeros)::
     blocks: [    b0    ][    b1    ][    b2    ][    b3    ]
                   ^ masked                          ^ masked
 
-Those rows are set to zero in shared memory, in both operands (so that a NaN
-in a padding row cannot leak in through 0 * NaN), before the wgmma reads them.
+In a block that straddles a group boundary, the rows outside the group are set
+to zero in shared memory, in both operands (so that a NaN in a padding row
+cannot leak in through 0 * NaN), before the wgmma reads them. Output tiles go
+out by TMA and are left in flight over the next item's main loop.
 """
 
 from __future__ import annotations
@@ -30,16 +32,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
-from pallas_kernels.gmm_mgpu import check_dtypes, check_hopper
+from pallas_kernels.gmm_mgpu import _smem_transforms, check_dtypes, check_hopper
 
 
 def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = False,
                     config: config_lib.TgmmConfig | None = None) -> config_lib.TgmmConfig:
   """Raises NotImplementedError for inputs `tgmm_mgpu` does not handle; returns the config.
 
-  Supported: bf16/fp16 operands of one dtype, M a multiple of 8, K and N
-  multiples of 64 (of the
-  block sizes), M >= 1, a Hopper GPU unless interpreting.
+  Supported: bf16/fp16 operands of one dtype, M a positive multiple of 8, K and
+  N multiples of 64 (and of the block sizes), a Hopper GPU unless interpreting.
   """
   out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
   check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
@@ -56,12 +57,6 @@ def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = 
   config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   check_hopper(interpret)
   return config
-
-
-def _smem_transforms(minor: int, dtype) -> tuple:
-  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-  swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-  return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
 def _mask_rows(x_smem, first_row, row_start, row_end):
@@ -82,63 +77,65 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
   rhs_transforms = _smem_transforms(cfg.block_n, rhs_gmem.dtype)
   out_transforms = _smem_transforms(cfg.block_n, out_gmem.dtype)
 
-  @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
-  def _item_loop(loop_info: plgpu.NDLoopInfo):
-    g = loop_info.index[0]
-    k_tile, n_tile = plgpu.planar_snake(
-        loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
-    row_start, row_end = row_start_gmem[g], row_end_gmem[g]
-    first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
-
-    def acc_scope(acc_ref):
-      def step(idx, lhs_smem, rhs_smem):
-        (b,) = idx
-
-        @pl.when((b == 0) | (b == num_blocks - 1))
-        def _():
-          block_row0 = (first_block + b) * cfg.block_m
-          _mask_rows(lhs_smem, block_row0, row_start, row_end)
-          _mask_rows(rhs_smem, block_row0, row_start, row_end)
-          plgpu.commit_smem()
-
-        plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
-        if cfg.max_concurrent_steps == 1:
-          # Without a second buffer the slot must be free before the next load.
-          plgpu.wgmma_wait(0)
-
-      release = 1 if cfg.max_concurrent_steps > 1 else 0
-
-      @pl.when(num_blocks > 0)  # An empty group keeps the zero accumulator.
-      def _():
-        plgpu.emit_pipeline(
-            step,
-            grid=(num_blocks,),
-            in_specs=[
-                plgpu.BlockSpec((cfg.block_m, cfg.block_k),
-                                lambda b: (first_block + b, k_tile),
-                                transforms=lhs_transforms, delay_release=release),
-                plgpu.BlockSpec((cfg.block_m, cfg.block_n),
-                                lambda b: (first_block + b, n_tile),
-                                transforms=rhs_transforms, delay_release=release),
-            ],
-            max_concurrent_steps=cfg.max_concurrent_steps,
-        )(lhs_gmem, rhs_gmem)
-      return acc_ref[...]
-
-    acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_k, cfg.block_n)))
-    _store_tile(acc, out_gmem.at[g, pl.ds(k_tile * cfg.block_k, cfg.block_k),
-                                 pl.ds(n_tile * cfg.block_n, cfg.block_n)],
-                out_transforms)
-
-
-def _store_tile(acc, out_gmem_tile, transforms):
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM(out_gmem_tile.shape, out_gmem_tile.dtype, transforms=transforms))
+      o_smem=plgpu.SMEM((cfg.block_k, cfg.block_n), out_gmem.dtype,
+                        transforms=out_transforms))
   def _(o_smem):
-    o_smem[...] = acc.astype(o_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_gmem_tile)
+    @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
+    def _item_loop(loop_info: plgpu.NDLoopInfo):
+      g = loop_info.index[0]
+      k_tile, n_tile = plgpu.planar_snake(
+          loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
+      row_start, row_end = row_start_gmem[g], row_end_gmem[g]
+      first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
+
+      def acc_scope(acc_ref):
+        def step(idx, lhs_smem, rhs_smem):
+          (b,) = idx
+
+          block_row0 = (first_block + b) * cfg.block_m
+
+          @pl.when((block_row0 < row_start) | (block_row0 + cfg.block_m > row_end))
+          def _():
+            _mask_rows(lhs_smem, block_row0, row_start, row_end)
+            _mask_rows(rhs_smem, block_row0, row_start, row_end)
+            plgpu.commit_smem()
+
+          plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
+          if cfg.max_concurrent_steps == 1:
+            # Without a second buffer the slot must be free before the next load.
+            plgpu.wgmma_wait(0)
+
+        release = 1 if cfg.max_concurrent_steps > 1 else 0
+
+        @pl.when(num_blocks > 0)  # An empty group keeps the zero accumulator.
+        def _():
+          plgpu.emit_pipeline(
+              step,
+              grid=(num_blocks,),
+              in_specs=[
+                  plgpu.BlockSpec((cfg.block_m, cfg.block_k),
+                                  lambda b: (first_block + b, k_tile),
+                                  transforms=lhs_transforms, delay_release=release),
+                  plgpu.BlockSpec((cfg.block_m, cfg.block_n),
+                                  lambda b: (first_block + b, n_tile),
+                                  transforms=rhs_transforms, delay_release=release),
+              ],
+              max_concurrent_steps=cfg.max_concurrent_steps,
+          )(lhs_gmem, rhs_gmem)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_k, cfg.block_n)))
+      # Wait for the previous item's store to have read o_smem; this one's store
+      # then drains during the next item's main loop.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_smem[...] = acc.astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          o_smem, out_gmem.at[g, pl.ds(k_tile * cfg.block_k, cfg.block_k),
+                              pl.ds(n_tile * cfg.block_n, cfg.block_n)])
+
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 

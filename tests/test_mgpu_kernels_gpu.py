@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import config as config_lib
 from pallas_kernels.gmm_mgpu import gmm_mgpu
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu
 
@@ -55,18 +56,27 @@ def _gmm_ref(lhs, rhs, gs, transpose_rhs):
                             precision=jax.lax.Precision.HIGHEST)
 
 
+# Both kernel variants, whatever the heuristic picks for these shapes.
+ONE_WARPGROUP = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
+                                     max_concurrent_steps=5)
+WARP_SPECIALIZED = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
+                                        max_concurrent_steps=3, num_compute_wgs=2)
+
+
 @pytest.mark.parametrize("m,k,n,g,pad", [
-    (16384, 4096, 2048, 8, 0), (16384, 1024, 4096, 64, 1000),
+    (16384, 2048, 2048, 8, 0), (16384, 1024, 4096, 64, 1000),
     (8192 + 72, 1024, 1536, 128, 301), (8192, 2048, 1024, 256, 0)])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-def test_gmm_full_size(m, k, n, g, pad, transpose_rhs):
+@pytest.mark.parametrize("cfg", [ONE_WARPGROUP, WARP_SPECIALIZED], ids=["wg1", "ws"])
+def test_gmm_full_size(m, k, n, g, pad, transpose_rhs, cfg):
   rng = np.random.default_rng(m + g)
   keys = jax.random.split(jax.random.key(m + k + n + g), 2)
   lhs = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
   shape = (g, n, k) if transpose_rhs else (g, k, n)
   rhs = jax.random.normal(keys[1], shape, jnp.bfloat16)
   gs = _group_sizes(rng, m - pad, g, empty_every=5)
-  out = jax.jit(lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs))(lhs, rhs, gs)
+  out = jax.jit(lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs,
+                                         config=cfg))(lhs, rhs, gs)
   out = np.asarray(out.astype(jnp.float32))
   used = int(gs.sum())
   assert not np.isnan(out).any()

@@ -1,0 +1,203 @@
+"""Mosaic GPU grouped GEMM kernels on CPU: the Pallas GPU interpreter against a
+float64 NumPy reference at small sizes, and the real kernels lowered for `cuda`
+(under an abstract H100 mesh) at realistic block sizes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels import config as config_lib
+from pallas_kernels import metadata as metadata_lib
+from pallas_kernels.gmm_mgpu import gmm_mgpu
+from pallas_kernels.tgmm_mgpu import tgmm_mgpu
+
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+# Relative Frobenius error allowed for each output dtype (products of bf16/fp16
+# inputs are exact in float32; the output rounding dominates).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def _gmm_ref(lhs, rhs, sizes, transpose_rhs):
+  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+  if transpose_rhs:
+    rhs = rhs.transpose(0, 2, 1)
+  out = np.zeros((lhs.shape[0], rhs.shape[2]))
+  start = 0
+  for g, size in enumerate(sizes):
+    out[start:start + size] = lhs[start:start + size] @ rhs[g]
+    start += size
+  return out
+
+
+def _tgmm_ref(lhs, rhs, sizes):
+  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+  out = np.zeros((len(sizes), lhs.shape[1], rhs.shape[1]))
+  start = 0
+  for g, size in enumerate(sizes):
+    out[g] = lhs[start:start + size].T @ rhs[start:start + size]
+    start += size
+  return out
+
+
+def _rel_err(out, ref):
+  out = np.asarray(out.astype(jnp.float32), np.float64)
+  return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def _random(rng, shape, dtype):
+  return jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
+
+
+GMM_CASES = [
+    # (M, K, N, group_sizes, transpose_rhs, in dtype, out dtype, config)
+    (200, 128, 128, [50, 0, 90, 30], False, jnp.bfloat16, jnp.float32, None),
+    (200, 128, 128, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32, None),
+    (256, 128, 128, [0, 256, 0], False, jnp.bfloat16, jnp.bfloat16, None),
+    (296, 128, 128, [17, 0, 0, 201], False, jnp.float16, jnp.float16,
+     config_lib.GmmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2)),
+    (232, 128, 64, [0, 0, 0], True, jnp.bfloat16, jnp.bfloat16, None),
+    (40, 128, 128, [3, 30], False, jnp.bfloat16, jnp.float32, None),
+    (136, 64, 128, [101], False, jnp.bfloat16, jnp.float32, None),
+    # Warp-specialised: a producer and two consumer warpgroups.
+    (200, 128, 256, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32,
+     config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2)),
+]
+
+
+@pytest.mark.parametrize("m,k,n,sizes,transpose_rhs,dtype,out_dtype,cfg", GMM_CASES)
+def test_gmm_interpret(m, k, n, sizes, transpose_rhs, dtype, out_dtype, cfg):
+  rng = np.random.default_rng(m + len(sizes))
+  lhs = _random(rng, (m, k), dtype)
+  rhs = _random(rng, (len(sizes), n, k) if transpose_rhs else (len(sizes), k, n), dtype)
+  out = gmm_mgpu(lhs, rhs, jnp.asarray(sizes, jnp.int32), transpose_rhs=transpose_rhs,
+                 out_dtype=out_dtype, interpret=True, config=cfg)
+  assert out.shape == (m, n) and out.dtype == out_dtype
+  ref = _gmm_ref(lhs, rhs, sizes, transpose_rhs)
+  used = sum(sizes)
+  assert (np.asarray(out[used:]) == 0).all(), "padding rows must be zeros"
+  if used:
+    assert _rel_err(out[:used], ref[:used]) < TOL[out_dtype]
+
+
+TGMM_CASES = [
+    (200, 128, 128, [50, 0, 90, 30], jnp.bfloat16, jnp.float32),
+    (192, 128, 64, [192, 0, 0], jnp.float16, jnp.float16),
+    (136, 64, 128, [3, 100, 0, 20], jnp.bfloat16, jnp.bfloat16),
+    (64, 64, 64, [0, 0], jnp.bfloat16, jnp.float32),
+    (128, 64, 64, [77], jnp.bfloat16, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("m,k,n,sizes,dtype,out_dtype", TGMM_CASES)
+def test_tgmm_interpret(m, k, n, sizes, dtype, out_dtype):
+  rng = np.random.default_rng(m + 7 * len(sizes))
+  lhs = np.asarray(rng.standard_normal((m, k)), np.float32)
+  lhs[sum(sizes):] = np.nan  # rows past the sum are ignored, NaN or not
+  lhs = jnp.asarray(lhs, dtype)
+  rhs = _random(rng, (m, n), dtype)
+  out = tgmm_mgpu(lhs, rhs, jnp.asarray(sizes, jnp.int32), out_dtype=out_dtype,
+                  interpret=True)
+  assert out.shape == (len(sizes), k, n) and out.dtype == out_dtype
+  out_np = np.asarray(out.astype(jnp.float32))
+  assert not np.isnan(out_np).any()
+  assert (out_np[np.asarray(sizes) == 0] == 0).all(), "empty groups must be zeros"
+  if sum(sizes):
+    assert _rel_err(out, _tgmm_ref(lhs, rhs, sizes)) < TOL[out_dtype]
+
+
+def _lower_for_h100(fn, *avals):
+  mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("out_dtype,num_compute_wgs,steps", [
+    (jnp.bfloat16, 1, 4), (jnp.float32, 1, 4), (jnp.bfloat16, 2, 3), (jnp.float32, 2, 2)])
+def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps):
+  m, k, n, g = 4096, 1024, 1024, 64
+  cfg = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
+                             max_concurrent_steps=steps, num_compute_wgs=num_compute_wgs)
+  rhs_shape = (g, n, k) if transpose_rhs else (g, k, n)
+  text = _lower_for_h100(
+      lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs,
+                               out_dtype=out_dtype, config=cfg),
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+      jax.ShapeDtypeStruct(rhs_shape, jnp.bfloat16),
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  assert "mosaic_gpu" in text
+
+
+def test_gmm_lowers_for_h100_many_groups():
+  text = _lower_for_h100(
+      gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
+      jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16),
+      jax.ShapeDtypeStruct((256,), jnp.int32))
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_tgmm_lowers_for_h100(dtype):
+  m, k, n, g = 4096, 1024, 1024, 64
+  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128)
+  text = _lower_for_h100(
+      lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=jnp.float32, config=cfg),
+      jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dtype,interpret,match", [
+    ((256, 128), (2, 128, 128), jnp.float32, True, "bf16 or fp16"),
+    ((256, 100), (2, 100, 128), jnp.bfloat16, True, "K=100"),
+    ((256, 128), (2, 128, 96), jnp.bfloat16, True, "N=96"),
+    ((250, 128), (2, 128, 128), jnp.bfloat16, True, "M=250"),
+    ((256, 128), (2, 128, 128), jnp.bfloat16, False, "Hopper"),
+])
+def test_unsupported_raises_not_implemented(lhs_shape, rhs_shape, dtype, interpret, match):
+  if not interpret and jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  lhs = jnp.zeros(lhs_shape, dtype)
+  sizes = jnp.zeros((rhs_shape[0],), jnp.int32)
+  with pytest.raises(NotImplementedError, match=match):
+    gmm_mgpu(lhs, jnp.zeros(rhs_shape, dtype), sizes, interpret=interpret)
+  with pytest.raises(NotImplementedError, match=match):
+    tgmm_mgpu(lhs, jnp.zeros((lhs_shape[0], rhs_shape[2]), dtype), sizes,
+              interpret=interpret)
+
+
+def test_config_validates_itself():
+  with pytest.raises(ValueError, match="block_m"):
+    config_lib.GmmConfig(block_m=100)
+  with pytest.raises(ValueError, match="shared memory"):
+    config_lib.GmmConfig(block_m=256, block_n=128, max_concurrent_steps=8)
+  with pytest.raises(NotImplementedError, match="block_n"):
+    config_lib.GmmConfig(block_n=128).validate_for(1024, 192)
+  assert config_lib.gmm_config(16384, 4096, 1536, 128).block_n in (128, 192)
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gmm_metadata_covers_every_row_once(block_m):
+  rng = np.random.default_rng(block_m)
+  metadata = jax.jit(metadata_lib.gmm_metadata, static_argnums=(1, 2))
+  for trial in range(60):
+    m, g = ((40, 3), (200, 9), (520, 37), (1024, 256))[trial % 4]
+    used = int(rng.integers(0, m + 1))
+    sizes = np.diff(np.r_[0, np.sort(rng.integers(0, used + 1, g - 1)), used])
+    meta = metadata(jnp.asarray(sizes, jnp.int32), m, block_m)
+    group, row0, start, end, compute = map(np.asarray, meta.arrays())
+    ends = np.cumsum(sizes)
+    cover = np.zeros(m, int)
+    for i in np.flatnonzero(end > start):
+      cover[start[i]:end[i]] += 1
+      assert row0[i] % 8 == 0 and row0[i] <= start[i] and end[i] <= row0[i] + block_m
+      if compute[i]:
+        assert ends[group[i]] - sizes[group[i]] <= start[i] and end[i] <= ends[group[i]]
+      else:
+        assert start[i] >= used
+    assert (cover == 1).all()
