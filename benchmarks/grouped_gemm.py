@@ -25,10 +25,8 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +34,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES, flops, random_group_sizes  # noqa: E402
+from timing import time_ms  # noqa: E402
 
 from pallas_kernels import config as config_lib  # noqa: E402
 from pallas_kernels.gmm_mgpu import gmm_mgpu  # noqa: E402
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu  # noqa: E402
 
-CALLS, REPEATS = 30, 5
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "grouped_gemm.json")
 # (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) for ragged_dot_mgpu.
@@ -55,19 +53,6 @@ GMM_SWEEP = (
     config_lib.GmmConfig(128, 128, 64, 3, 2, num_compute_wgs=2),
     config_lib.GmmConfig(64, 128, 64, 4, 4, num_compute_wgs=2),
 )
-
-
-def time_ms(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(REPEATS):
-    start = time.perf_counter()
-    for _ in range(CALLS):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / CALLS)
-  return statistics.median(times) * 1e3
 
 
 def _tflops(m, k, n, passes, ms):

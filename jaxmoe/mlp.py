@@ -9,6 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 from pallas_kernels import activation
 from pallas_kernels import common
+from jaxmoe import fused_mlp
 from jaxmoe import offload
 
 
@@ -30,15 +31,18 @@ def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
     scales: [M] float, the router probability p of each row.
     b1: optional [G, F]; b2: optional [G, H].
     backend: grouped GEMM backend (see `pallas_kernels.gmm`).
-    fused: use the fused SReLU GEMM epilogues where the backend has them; the
-      result is the same either way.
+    fused: on the kernel backends, compute the activation in FC1's epilogue and
+      its derivative in FC2's input-gradient epilogue (`fused_mlp.py`); with b1
+      the unfused kernels run. The result is the same up to rounding order.
 
   Returns:
     y: [M, H] in x.dtype; padding rows are zero. Differentiable in x, w1, w2,
     b1, b2 and scales.
   """
-  del fused  # Every backend runs the unfused graph until the fused kernels land.
   _validate(x, w1, w2, group_sizes, scales, b1, b2)
+  if fused and b1 is None and _runs_kernels(backend):
+    y = fused_mlp.fused_grouped_mlp(x, w1, w2, group_sizes, scales, backend=backend)
+    return _add_scaled_bias(y, b2, group_sizes, scales)
   x = checkpoint_name(x, offload.FC1_INPUT)
   h = pallas_kernels.gmm(x, w1, group_sizes, backend=backend)
   if b1 is not None:
@@ -47,10 +51,20 @@ def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
   a = activation.scaled_srelu(h, scales, backend=backend)
   a = checkpoint_name(a, offload.FC2_INPUT)
   y = pallas_kernels.gmm(a, w2, group_sizes, backend=backend)
-  if b2 is not None:
-    b2_rows = rows_of_groups(b2.astype(jnp.float32), group_sizes, x.shape[0])
-    y = (y + b2_rows * scales[:, None].astype(jnp.float32)).astype(y.dtype)
-  return y
+  return _add_scaled_bias(y, b2, group_sizes, scales)
+
+
+def _runs_kernels(backend: str) -> bool:
+  return backend in ("mosaic_gpu", "interpret") or (
+      backend == "auto" and common.on_hopper_gpu())
+
+
+def _add_scaled_bias(y, b2, group_sizes, scales):
+  """y + b2_g * p[:, None] (plain XLA: autodiff adds dy . b2 to dp)."""
+  if b2 is None:
+    return y
+  b2_rows = rows_of_groups(b2.astype(jnp.float32), group_sizes, y.shape[0])
+  return (y + b2_rows * scales[:, None].astype(jnp.float32)).astype(y.dtype)
 
 
 def rows_of_groups(table: jax.Array, group_sizes: jax.Array,

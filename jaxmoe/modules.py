@@ -57,12 +57,19 @@ class GroupedMLP(nnx.Module):
   def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array,
                scales: jax.Array) -> jax.Array:
     """x_sorted [M, H] (rows sorted by expert), group_sizes [G] int32, scales [M] -> [M, H]."""
-    mlp = jax.checkpoint(self.pure_fn(), policy=self.policy())
+    mlp = self.checkpointed(self.pure_fn())
     return mlp(x_sorted.astype(self.dtype), self.weights(), group_sizes, scales)
 
-  def policy(self):
-    """The `jax.checkpoint` policy of this module's residual placement."""
-    return offload.offload_policy(self.offload_names, self.recompute_names)
+  def checkpointed(self, fn):
+    """`fn` under `jax.checkpoint` with this module's residual placement.
+
+    Not on the "interpret" backend: the Pallas interpreter's callbacks cannot be
+    checkpointed, and residual placement never changes results.
+    """
+    if self.backend == "interpret":
+      return fn
+    return jax.checkpoint(
+        fn, policy=offload.offload_policy(self.offload_names, self.recompute_names))
 
   def weights(self) -> dict[str, jax.Array | None]:
     """w1, w2, b1, b2 cast to the compute dtype (None where absent)."""
@@ -163,7 +170,7 @@ class MoELayer(nnx.Module):
     config = expert_parallel.Config(
         self.mesh, self.expert_axis, self.data_axis, self.num_experts, self.top_k,
         self.router, self.dtype, self.collective)
-    mlp = jax.checkpoint(self.experts.pure_fn(), policy=self.experts.policy())
+    mlp = self.experts.checkpointed(self.experts.pure_fn())
     return expert_parallel.moe_forward(config, tokens, self.router_kernel[...],
                                        self.experts.weights(), mlp)
 
@@ -179,5 +186,4 @@ class MoELayer(nnx.Module):
       x_sorted = permutation.permute(tokens, dispatch, top_k)
       return mlp(x_sorted, weights, dispatch.group_sizes, dispatch.scales)
 
-    return jax.checkpoint(permuted_mlp, policy=self.experts.policy())(
-        tokens, self.experts.weights(), dispatch)
+    return self.experts.checkpointed(permuted_mlp)(tokens, self.experts.weights(), dispatch)

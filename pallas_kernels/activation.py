@@ -59,3 +59,46 @@ def _srelu_vjp(backend: str):
 
   f.defvjp(fwd, bwd)
   return f
+
+
+def _fused_fwd_kernel():
+  from pallas_kernels import fused_srelu_mgpu
+  return fused_srelu_mgpu.gmm_srelu_mgpu
+
+
+def _fused_bwd_kernel():
+  from pallas_kernels import fused_srelu_mgpu
+  return fused_srelu_mgpu.gmm_dsrelu_mgpu
+
+
+def gmm_srelu(x: jax.Array, w1: jax.Array, group_sizes: jax.Array, p: jax.Array, *,
+              backend: common.Backend = "auto") -> tuple[jax.Array, jax.Array]:
+  """FC1 with the activation in its epilogue (not differentiable on its own).
+
+  Args:
+    x: [M, H]; w1: [G, H, F] (same dtype); group_sizes: [G] int32; p: [M] float.
+
+  Returns:
+    (h, a), both [M, F] in x.dtype: h = x_g @ w1_g, a = relu(h)**2 * p[:, None].
+  """
+  common.check_backend(backend)
+  common.validate_gmm(x, w1, group_sizes, transpose_rhs=False)
+  return ops.dispatch(backend, _fused_fwd_kernel, reference.gmm_srelu_xla,
+                      x, w1, group_sizes, p)
+
+
+def gmm_dsrelu(dy: jax.Array, w2: jax.Array, group_sizes: jax.Array, h: jax.Array,
+               p: jax.Array, *, backend: common.Backend = "auto"
+               ) -> tuple[jax.Array, jax.Array]:
+  """FC2's input gradient with the SReLU derivative in its epilogue.
+
+  Args:
+    dy: [M, H]; w2: [G, F, H]; group_sizes: [G] int32; h: [M, F]; p: [M].
+
+  Returns:
+    (dh [M, F] in h.dtype, dp [M] float32), from da = dy_g @ w2_g.T (never stored).
+  """
+  common.check_backend(backend)
+  common.validate_gmm(dy, w2, group_sizes, transpose_rhs=True)
+  return ops.dispatch(backend, _fused_bwd_kernel, reference.gmm_dsrelu_xla,
+                      dy, w2, group_sizes, h, p)

@@ -19,9 +19,9 @@ Design:
     loop. Padding items skip the main loop and store the zero accumulator, so
     every output row is written by the kernel and no wrapper pass over the
     output is needed.
-  * The epilogue is a named helper, `_epilogue`, so that a fused epilogue (a
-    scale read per row, several outputs) can replace it without touching the
-    main loop.
+  * The epilogue is an `Epilogue` object, so that a fused epilogue (a scale
+    read per row, several outputs; `fused_srelu_mgpu.py`) replaces it without
+    touching the main loop.
 """
 
 from __future__ import annotations
@@ -173,51 +173,104 @@ def _store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile
     smem_row = smem_row + (count & rows)
 
 
-def _epilogue(acc, o_smem, out_gmem, **where):
-  """The default epilogue: cast the float32 accumulator and store the item's rows.
+class Epilogue:
+  """What a gmm kernel does with each finished float32 accumulator tile.
 
-  A fused epilogue (issue 4: scaled squared-ReLU) replaces this: it receives the
-  same accumulator and row bookkeeping (`where`: tile_row0, row_start, row_end,
-  n_tile), may read per-row operands for rows [tile_row0, +block_m), and stores
-  one or more outputs with `_store_rows` (one o_smem buffer per output).
+  The default casts the tile and stores the item's rows to the one output. A fused
+  epilogue (`fused_srelu_mgpu.py`) overrides the four hooks: it may read more
+  operands (`extra_inputs`, passed after lhs and rhs), write several outputs, and
+  use per-warpgroup scratch (`scratch`: shared-memory shapes and a barrier count).
+
+  `__call__` gets, for one compute warpgroup: the accumulator [block_m, block_n],
+  o_smem (a [block_m, block_n] staging buffer of the output dtype), the extra
+  input refs, the output refs, this warpgroup's scratch refs and barriers, the
+  item index and `where` (tile_row0, row_start, row_end, n_tile, cfg).
   """
-  _store_rows(acc.astype(out_gmem.dtype), o_smem, out_gmem, **where)
+
+  num_barriers = 0
+
+  def out_types(self, m: int, n: int, out_dtype, num_items: int, cfg) -> tuple:
+    return (jax.ShapeDtypeStruct((m, n), out_dtype),)
+
+  def scratch(self, cfg) -> tuple[tuple[tuple[int, ...], jnp.dtype], ...]:
+    return ()
+
+  def check_supported(self, m: int, cfg) -> None:
+    """Raises NotImplementedError for a problem this epilogue cannot handle."""
+
+  def __call__(self, acc, o_smem, ins, outs, scratch, barriers, *, item, where):
+    del ins, scratch, barriers, item
+    _store_rows(acc.astype(outs[0].dtype), o_smem, outs[0], **where)
 
 
-def _gmm_kernel(group_id_gmem, tile_row0_gmem, row_start_gmem, row_end_gmem,
-                compute_gmem, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs,
-                num_items):
-  n = out_gmem.shape[1]
+def _split_refs(refs, epilogue: Epilogue, num_extra_inputs: int):
+  """(5 metadata refs, lhs, rhs, extra inputs..., outputs...) -> named groups."""
+  meta, (lhs_gmem, rhs_gmem) = refs[:5], refs[5:7]
+  return meta, lhs_gmem, rhs_gmem, refs[7:7 + num_extra_inputs], refs[7 + num_extra_inputs:]
+
+
+def _epilogue_scratch(epilogue: Epilogue, cfg, num_wgs: int) -> dict:
+  """Per-warpgroup scratch of the epilogue, with a leading warpgroup axis."""
+  smem = [plgpu.SMEM((num_wgs, *shape), dtype) for shape, dtype in epilogue.scratch(cfg)]
+  barriers = (plgpu.Barrier(num_barriers=num_wgs * epilogue.num_barriers)
+              if epilogue.num_barriers else None)
+  return dict(epi_smem=smem, epi_barriers=barriers)
+
+
+def _scratch_for_wg(epi_smem, epi_barriers, epilogue: Epilogue, wg):
+  smem = [ref.at[wg] for ref in epi_smem]
+  n = epilogue.num_barriers
+  barriers = [epi_barriers.at[wg * n + i] for i in range(n)] if n else []
+  return smem, barriers
+
+
+def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
+  """Runs body(item, n_tile, tile_row0, row_start, row_end) for this SM's share of
+  the used (item, n-tile) pairs, in planar-snake order (persistent grid)."""
+  _, tile_row0_gmem, row_start_gmem, row_end_gmem, _ = meta
+
+  @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+  def _item_loop(loop_info: plgpu.NDLoopInfo):
+    item, n_tile = plgpu.planar_snake(
+        loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+    row_start = row_start_gmem[item]
+    row_end = row_end_gmem[item]
+
+    @pl.when(row_end > row_start)  # Unused items do nothing.
+    def _():
+      body(item, n_tile, tile_row0_gmem[item], row_start, row_end)
+
+
+def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
+                out_dtype):
+  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
+  group_id_gmem, _, _, _, compute_gmem = meta
   grid_n = n // cfg.block_n
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_gmem.dtype))
-  def _(o_smem):
-    @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
-    def _item_loop(loop_info: plgpu.NDLoopInfo):
-      item, n_tile = plgpu.planar_snake(
-          loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
-      row_start = row_start_gmem[item]
-      row_end = row_end_gmem[item]
+      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_dtype),
+      **_epilogue_scratch(epilogue, cfg, 1))
+  def _(o_smem, epi_smem, epi_barriers):
+    scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, 0)
 
-      @pl.when(row_end > row_start)  # Unused items do nothing.
-      def _():
-        tile_row0 = tile_row0_gmem[item]
-        group = group_id_gmem[item]
+    def item_body(item, n_tile, tile_row0, row_start, row_end):
+      group = group_id_gmem[item]
 
-        def acc_scope(acc_ref):
-          # Padding items keep the zero accumulator.
-          @pl.when(compute_gmem[item] != 0)
-          def _():
-            _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], tile_row0, n_tile,
-                      cfg=cfg, transpose_rhs=transpose_rhs)
-          return acc_ref[...]
+      def acc_scope(acc_ref):
+        # Padding items keep the zero accumulator.
+        @pl.when(compute_gmem[item] != 0)
+        def _():
+          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], tile_row0, n_tile,
+                    cfg=cfg, transpose_rhs=transpose_rhs)
+        return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
-        _epilogue(acc, o_smem, out_gmem, tile_row0=tile_row0, row_start=row_start,
-                  row_end=row_end, n_tile=n_tile, cfg=cfg)
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
+      epilogue(acc, o_smem, ins, outs, scratch, barriers, item=item,
+               where=dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
+                          n_tile=n_tile, cfg=cfg))
 
+    _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
@@ -247,17 +300,17 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs):
   )
 
 
-def _gmm_kernel_ws(group_id_gmem, tile_row0_gmem, row_start_gmem, row_end_gmem,
-                   compute_gmem, lhs_gmem, rhs_gmem, out_gmem, *, cfg, transpose_rhs,
-                   num_items):
+def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
+                   out_dtype):
   """Warp-specialised variant (cfg.num_compute_wgs == 2), after hopper_matmul_mgpu.
 
   Warpgroup 2 only issues TMA loads; warpgroups 0 and 1 each own a
   block_m x block_n accumulator, the left and right halves of the item's
   block_m x (2*block_n) tile, and run the epilogue on it.
   """
+  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
+  group_id_gmem, _, _, _, compute_gmem = meta
   m, k = lhs_gmem.shape
-  n = out_gmem.shape[1]
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
   grid_n = n // cta_n
   get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
@@ -268,57 +321,53 @@ def _gmm_kernel_ws(group_id_gmem, tile_row0_gmem, row_start_gmem, row_end_gmem,
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
           lhs_gmem, rhs_gmem.at[0]),
-      o_smem=plgpu.SMEM((cfg.num_compute_wgs, bm, bn), dtype=out_gmem.dtype),
+      o_smem=plgpu.SMEM((cfg.num_compute_wgs, bm, bn), dtype=out_dtype),
+      **_epilogue_scratch(epilogue, cfg, cfg.num_compute_wgs),
       collective_axes="wg",
   )
-  def _(pipeline_allocs, o_smem):
+  def _(pipeline_allocs, o_smem, epi_smem, epi_barriers):
     wg = lax.axis_index("wg")
+    scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
-    @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
-    def _item_loop(loop_info: plgpu.NDLoopInfo):
-      item, n_cta = plgpu.planar_snake(
-          loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
-      row_start = row_start_gmem[item]
-      row_end = row_end_gmem[item]
+    def item_body(item, n_cta, tile_row0, row_start, row_end):
+      compute = compute_gmem[item]
+      where = dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
+                   n_tile=n_cta * cfg.num_compute_wgs + wg, cfg=cfg)
 
-      @pl.when(row_end > row_start)  # Unused items do nothing.
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
+        def _(acc_ref):
+          eval_pipeline(acc_ref)
+          epilogue(acc_ref[...], o_smem.at[wg], ins, outs, scratch, barriers,
+                   item=item, where=where)
+
+      def mma(_, lhs_smem, rhs_smem, acc_ref):
+        if transpose_rhs:
+          rhs_wg = rhs_smem.at[pl.ds(wg * bn, bn)].T
+        else:
+          rhs_wg = rhs_smem.at[:, pl.ds(wg * bn, bn)]
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_wg)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(compute != 0)
       def _():
-        tile_row0 = tile_row0_gmem[item]
-        compute = compute_gmem[item]
-        where = dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
-                     n_tile=n_cta * cfg.num_compute_wgs + wg, cfg=cfg)
+        lhs_rows = lhs_gmem
+        if m >= bm:
+          lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), bm)]
+        cols = pl.ds(n_cta * cta_n, cta_n)
+        rhs_g = rhs_gmem.at[group_id_gmem[item]]
+        rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
+        get_pipeline(mma, compute_context)(
+            lhs_rows, rhs_cols, allocations=pipeline_allocs)
 
-        def compute_context(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
-          def _(acc_ref):
-            eval_pipeline(acc_ref)
-            _epilogue(acc_ref[...], o_smem.at[wg], out_gmem, **where)
+      @pl.when((compute == 0) & (wg < cfg.num_compute_wgs))  # Padding: zeros.
+      def _():
+        zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
+        epilogue(zeros, o_smem.at[wg], ins, outs, scratch, barriers, item=item,
+                 where=where)
 
-        def mma(_, lhs_smem, rhs_smem, acc_ref):
-          if transpose_rhs:
-            rhs_wg = rhs_smem.at[pl.ds(wg * bn, bn)].T
-          else:
-            rhs_wg = rhs_smem.at[:, pl.ds(wg * bn, bn)]
-          plgpu.wgmma(acc_ref, lhs_smem, rhs_wg)
-          plgpu.wgmma_wait(0)
-          return acc_ref
-
-        @pl.when(compute != 0)
-        def _():
-          lhs_rows = lhs_gmem
-          if m >= bm:
-            lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), bm)]
-          cols = pl.ds(n_cta * cta_n, cta_n)
-          rhs_g = rhs_gmem.at[group_id_gmem[item]]
-          rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
-          get_pipeline(mma, compute_context)(
-              lhs_rows, rhs_cols, allocations=pipeline_allocs)
-
-        @pl.when((compute == 0) & (wg < cfg.num_compute_wgs))  # Padding: zeros.
-        def _():
-          zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
-          _epilogue(zeros, o_smem.at[wg], out_gmem, **where)
-
+    _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
@@ -344,17 +393,31 @@ def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     NotImplementedError: for inputs the kernel does not support (see
       `check_supported`).
   """
+  (out,), _ = gmm_mgpu_with_epilogue(
+      lhs, rhs, group_sizes, Epilogue(), (), transpose_rhs=transpose_rhs,
+      out_dtype=out_dtype, interpret=interpret, config=config)
+  return out
+
+
+def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
+                           extra_inputs: tuple, *, transpose_rhs: bool = False,
+                           out_dtype=None, interpret: bool = False,
+                           config: config_lib.GmmConfig | None = None):
+  """`gmm_mgpu` with a custom epilogue; returns (the epilogue's outputs, metadata)."""
   out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
   cfg = check_supported(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                         out_dtype=out_dtype, interpret=interpret, config=config)
   m = lhs.shape[0]
+  epilogue.check_supported(m, cfg)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
   warp_specialized = cfg.num_compute_wgs > 1
   kernel = plgpu.kernel(
       functools.partial(_gmm_kernel_ws if warp_specialized else _gmm_kernel, cfg=cfg,
-                        transpose_rhs=transpose_rhs, num_items=meta.num_items),
-      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+                        transpose_rhs=transpose_rhs, num_items=meta.num_items,
+                        epilogue=epilogue, num_extra_inputs=len(extra_inputs), n=n,
+                        out_dtype=out_dtype),
+      out_type=epilogue.out_types(m, n, out_dtype, meta.num_items, cfg),
       grid=(config_lib.num_sms(),),
       grid_names=("sm",),
       num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,
@@ -363,4 +426,4 @@ def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )
-  return kernel(*meta.arrays(), lhs, rhs)
+  return kernel(*meta.arrays(), lhs, rhs, *extra_inputs), meta

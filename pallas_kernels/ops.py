@@ -88,11 +88,30 @@ def dispatch(backend: str, get_kernel, xla_fn, *args, **kwargs):
   if backend == "xla" or (backend == "auto" and not common.on_hopper_gpu()):
     return xla_fn(*args, **kwargs)
   try:
-    return get_kernel()(*args, interpret=backend == "interpret", **kwargs)
+    out = get_kernel()(*args, interpret=backend == "interpret", **kwargs)
   except NotImplementedError as e:
     if backend == "auto":
       return xla_fn(*args, **kwargs)
     raise ValueError(f"backend={backend!r} cannot run this input: {e}") from e
+  return _vary_like_inputs(out, args)
+
+
+def _vary_like_inputs(out, args):
+  """Under `jax.shard_map`, a Pallas kernel's outputs are typed invariant across the
+  mesh axes (its out_shape carries no `vma`) even where its inputs vary; give them
+  the inputs' varying axes, as an XLA op would, so that the custom_vjp type check
+  and shard_map's autodiff (expert parallelism) see the right types."""
+  axes = set()
+  for a in jax.tree.leaves(args):
+    axes |= set(jax.typeof(a).manual_axis_type.varying)
+  if not axes:
+    return out
+
+  def cast(x):
+    missing = tuple(sorted(axes - set(jax.typeof(x).manual_axis_type.varying)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, out)
 
 
 def _gmm_kernel():

@@ -56,3 +56,17 @@ def scaled_srelu_bwd_xla(da: jax.Array, h: jax.Array,
   da = da.astype(jnp.float32)
   dh = da * p[:, None].astype(jnp.float32) * (2.0 * relu)
   return dh.astype(h.dtype), jnp.sum(da * relu * relu, axis=1)
+
+
+def gmm_srelu_xla(x: jax.Array, w1: jax.Array, group_sizes: jax.Array,
+                  p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(h, a): h = x_g @ w1_g, a = relu(h)**2 * p; both [M, F] in x.dtype."""
+  h = gmm_xla(x, w1, group_sizes, transpose_rhs=False, out_dtype=x.dtype)
+  return h, scaled_srelu_xla(h, p)
+
+
+def gmm_dsrelu_xla(dy: jax.Array, w2: jax.Array, group_sizes: jax.Array,
+                   h: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dh [M, F] in h.dtype, dp [M] f32) from da = dy_g @ w2_g.T (float32)."""
+  da = gmm_xla(dy, w2, group_sizes, transpose_rhs=True, out_dtype=jnp.float32)
+  return scaled_srelu_bwd_xla(da, h, p)

@@ -29,13 +29,13 @@ def make_inputs(rng, group_sizes, m, hidden, ffn, dtype, use_bias):
   )
 
 
-def check_against_reference(inputs, dtype, backend, rng):
+def check_against_reference(inputs, dtype, backend, rng, fused=True):
   diff = {k: v for k, v in inputs.items()
           if k not in ("group_sizes",) and v is not None}
   fixed = {k: v for k, v in inputs.items() if k not in diff}
 
   def f(diff):
-    return jaxmoe.grouped_mlp(backend=backend, **diff, **fixed)
+    return jaxmoe.grouped_mlp(backend=backend, fused=fused, **diff, **fixed)
 
   y, vjp = jax.vjp(f, diff)
   dy = jnp.asarray(rng.standard_normal(y.shape), dtype)

@@ -1,0 +1,130 @@
+"""The expert MLP's activation fused into the grouped GEMM epilogues (Mosaic GPU).
+
+FC1 forward, `gmm_srelu_mgpu`: from the float32 accumulator of x @ w1, one pass
+writes h ("activation_input") and a = relu(h)**2 * p ("fc2_input"); no separate
+activation kernel and no second read of h.
+
+FC2 backward, `gmm_dsrelu_mgpu`: the input-gradient GEMM da = dy @ w2.T ends in an
+epilogue that reads h and p and writes dh = da * p * 2 relu(h) and the per-row
+dp = sum_j da_j relu(h_j)**2; da never reaches HBM. dp is summed over n-tiles: each
+(item, n-tile) stores its [block_m] partial sums in its own slot, which a small
+XLA scatter adds up by row (items of one tile own disjoint rows, see metadata.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import config as config_lib
+from pallas_kernels import gmm_mgpu
+from pallas_kernels import srelu_mgpu
+
+MAX_DSRELU_BLOCK_N = 128
+
+
+def _load_rows(src_gmem, dst_smem, barrier) -> None:
+  plgpu.copy_gmem_to_smem(src_gmem, dst_smem, barrier)
+  plgpu.barrier_wait(barrier)
+
+
+class _RowScaledEpilogue(gmm_mgpu.Epilogue):
+  """Shared by both: reads p for the tile's rows into a [block_m] smem vector."""
+
+  def check_supported(self, m, cfg):
+    if m < cfg.block_m:
+      raise NotImplementedError(
+          f"fused SReLU epilogues need M >= block_m={cfg.block_m}, got M={m}.")
+
+  def _load_p(self, p_gmem, p_smem, barrier, where):
+    rows = pl.ds(pl.multiple_of(where["tile_row0"], 8), where["cfg"].block_m)
+    _load_rows(p_gmem.at[rows], p_smem, barrier)
+    return plgpu.load(p_smem, layout=srelu_mgpu.ROW_LAYOUT)
+
+
+class SReLUEpilogue(_RowScaledEpilogue):
+  """ins (p [M] f32,) -> outs (h [M, N], a [M, N])."""
+
+  num_barriers = 1
+
+  def out_types(self, m, n, out_dtype, num_items, cfg):
+    return (jax.ShapeDtypeStruct((m, n), out_dtype),) * 2
+
+  def scratch(self, cfg):
+    return (((cfg.block_m,), jnp.float32),)
+
+  def __call__(self, acc, o_smem, ins, outs, scratch, barriers, *, item, where):
+    (p_gmem,), (h_gmem, a_gmem), (p_smem,) = ins, outs, scratch
+    p = self._load_p(p_gmem, p_smem, barriers[0], where)
+    h = acc.astype(h_gmem.dtype)
+    gmm_mgpu._store_rows(h, o_smem, h_gmem, **where)
+    # a from the rounded h, as the backward (which reads the stored h) sees it.
+    a = srelu_mgpu.srelu_tile(h.astype(jnp.float32), p)
+    gmm_mgpu._store_rows(a.astype(a_gmem.dtype), o_smem, a_gmem, **where)
+
+
+class DSReLUEpilogue(_RowScaledEpilogue):
+  """ins (h [M, N], p [M] f32) -> outs (dh [M, N], dp partials [items, N/block_n, block_m])."""
+
+  num_barriers = 2
+
+  def out_types(self, m, n, out_dtype, num_items, cfg):
+    return (jax.ShapeDtypeStruct((m, n), out_dtype),
+            jax.ShapeDtypeStruct((num_items, n // cfg.block_n, cfg.block_m), jnp.float32))
+
+  def scratch(self, cfg):
+    return (((cfg.block_m,), jnp.float32), ((cfg.block_m,), jnp.float32))
+
+  def __call__(self, acc, o_smem, ins, outs, scratch, barriers, *, item, where):
+    (h_gmem, p_gmem), (dh_gmem, dp_gmem), (p_smem, dp_smem) = ins, outs, scratch
+    cfg = where["cfg"]
+    p = self._load_p(p_gmem, p_smem, barriers[0], where)
+    # The h tile comes in through o_smem, once its previous stores have read it.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    rows = pl.ds(pl.multiple_of(where["tile_row0"], 8), cfg.block_m)
+    cols = pl.ds(where["n_tile"] * cfg.block_n, cfg.block_n)
+    _load_rows(h_gmem.at[rows, cols], o_smem, barriers[1])
+    h = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    dh, dp = srelu_mgpu.dsrelu_tile(acc, h, p)
+    dp_smem[...] = dp
+    gmm_mgpu._store_rows(dh.astype(dh_gmem.dtype), o_smem, dh_gmem, **where)
+    plgpu.copy_smem_to_gmem(dp_smem, dp_gmem.at[item, where["n_tile"]])
+
+
+def gmm_srelu_mgpu(x, w1, group_sizes, p, *, interpret: bool = False, config=None):
+  """(h, a): h = x_g @ w1_g, a = relu(h)**2 * p, both [M, F] in x.dtype; padding rows 0."""
+  (h, a), _ = gmm_mgpu.gmm_mgpu_with_epilogue(
+      x, w1, group_sizes, SReLUEpilogue(), (p.astype(jnp.float32),),
+      interpret=interpret, config=config)
+  return h, a
+
+
+def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, config=None):
+  """(dh [M, F] in h.dtype, dp [M] f32) from da = dy_g @ w2_g.T, never stored.
+
+  dy: [M, H]; w2: [G, F, H]; h: [M, F] (activation_input); p: [M].
+  """
+  m, k = dy.shape
+  if config is None:
+    config = config_lib.gmm_config(m, k, w2.shape[1], w2.shape[0], h.dtype.itemsize)
+    # Loading a 256-column h tile into the WGMMA layout sends Mosaic GPU's layout
+    # inference into a search that does not end in reasonable time.
+    config = dataclasses.replace(config, block_n=min(config.block_n, MAX_DSRELU_BLOCK_N))
+  (dh, dp_partial), meta = gmm_mgpu.gmm_mgpu_with_epilogue(
+      dy, w2, group_sizes, DSReLUEpilogue(), (h, p.astype(jnp.float32)),
+      transpose_rhs=True, out_dtype=h.dtype, interpret=interpret, config=config)
+  return dh, _sum_dp_by_row(dp_partial, meta, m)
+
+
+def _sum_dp_by_row(dp_partial, meta, m: int) -> jax.Array:
+  """dp[r] = sum over n-tiles of the slot of the item that owns row r."""
+  block_m = dp_partial.shape[2]
+  rows = meta.tile_row0[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]
+  owned = (rows >= meta.row_start[:, None]) & (rows < meta.row_end[:, None])
+  per_item = jnp.sum(dp_partial, axis=1)
+  return jnp.zeros((m,), jnp.float32).at[jnp.where(owned, rows, m)].add(
+      per_item, mode="drop")
