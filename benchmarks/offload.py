@@ -92,6 +92,7 @@ def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: s
   import optax
   from flax import nnx
   import jaxmoe
+  from jaxmoe import hlo_report
 
   shape = SMALL if small else SHAPES[shape_name]
   names = PLACEMENTS[placement]
@@ -122,13 +123,9 @@ def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: s
     optimizer.update(stack, grads)
     return loss
 
-  compiled_stats = None
-  try:
-    graphdef, state = nnx.split((stack, optimizer))
-    pure = jax.jit(lambda s: train_step(*nnx.merge(graphdef, s)))
-    compiled_stats = pure.lower(state).compile().memory_analysis()
-  except Exception as e:  # memory_analysis is best effort
-    print(f"memory_analysis unavailable: {e}", file=sys.stderr)
+  compiled = hlo_report.compile_step(train_step, stack, optimizer)
+  compiled_stats = compiled.memory_analysis()
+  hlo_summary = hlo_report.offload_summary(compiled.as_text())
   for _ in range(2):
     jax.block_until_ready(train_step(stack, optimizer))
   times = []
@@ -143,6 +140,7 @@ def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: s
       "peak_bytes": stats.get("peak_bytes_in_use"),
       "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
       "hlo_host_temp_bytes": getattr(compiled_stats, "host_temp_size_in_bytes", None),
+      "hlo_offload": hlo_summary,
       "tokens": shape.tokens, "layers": shape.layers, "H": shape.hidden, "F": shape.ffn,
       "G": shape.experts, "top_k": shape.top_k, "backend": backend,
   }

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from jaxmoe import corpus
+from jaxmoe import hlo_report
 from jaxmoe import offload
 from jaxmoe.lm import LMConfig, MoETransformerLM, next_token_loss, param_count
 from jaxmoe.progress import ProgressBar
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--recompute-names", default="none",
                  help="comma-separated residuals to recompute in backward, or 'none'")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--hlo-out", metavar="PATH",
+                 help="write the compiled training step's HLO here and print what it "
+                      "says about host offload (copies, host buffers)")
   return p.parse_args(argv)
 
 
@@ -86,6 +90,12 @@ def train(args: argparse.Namespace) -> dict:
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
         f"{param_count(model) / 1e6:.2f}M parameters; "
         f"{dataclasses.asdict(cfg)}", flush=True)
+  if args.hlo_out:
+    text = hlo_report.compile_step(
+        train_step, model, optimizer, jnp.asarray(next(batches))).as_text()
+    with open(args.hlo_out, "w") as f:
+      f.write(text)
+    print(f"compiled step HLO -> {args.hlo_out}: {hlo_report.offload_summary(text)}")
   bar = ProgressBar(steps)
   tokens_per_step = batch_size * cfg.seq_len
   losses, timed_start = [], None

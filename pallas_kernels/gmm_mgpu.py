@@ -198,6 +198,16 @@ class Epilogue:
   def check_supported(self, m: int, cfg) -> None:
     """Raises NotImplementedError for a problem this epilogue cannot handle."""
 
+  def check_smem(self, cfg, in_itemsize: int, out_itemsize: int) -> None:
+    """Raises NotImplementedError if the kernel and this epilogue's scratch overflow smem."""
+    scratch = sum(math.prod(shape) * jnp.dtype(dtype).itemsize
+                  for shape, dtype in self.scratch(cfg))
+    need = cfg.smem_bytes(in_itemsize, out_itemsize) + cfg.num_compute_wgs * scratch
+    if need > config_lib.SMEM_BYTES:
+      raise NotImplementedError(
+          f"{cfg} with the {type(self).__name__} scratch needs {need} bytes of shared "
+          f"memory (at most {config_lib.SMEM_BYTES}).")
+
   def __call__(self, acc, o_smem, ins, outs, scratch, barriers, *, item, where):
     del ins, scratch, barriers, item
     _store_rows(acc.astype(outs[0].dtype), o_smem, outs[0], **where)
@@ -409,6 +419,7 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
                         out_dtype=out_dtype, interpret=interpret, config=config)
   m = lhs.shape[0]
   epilogue.check_supported(m, cfg)
+  epilogue.check_smem(cfg, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
   warp_specialized = cfg.num_compute_wgs > 1
