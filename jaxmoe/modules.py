@@ -131,6 +131,11 @@ class MoELayer(nnx.Module):
     self.mesh = mesh
     if mesh is not None:
       expert_parallel.check_mesh(mesh, expert_axis, data_axis, num_experts)
+      if offload.MOE_INPUT in self.experts.offload_names + self.experts.recompute_names:
+        raise ValueError(
+            f"Placing {offload.MOE_INPUT!r} is not supported with a mesh: the expert-"
+            "parallel path gathers its rows inside the all-to-all. Place 'fc1_input' "
+            "instead.")
       self.expert_axis = expert_axis
       self.data_axis = data_axis
       self.collective = expert_parallel.resolve_collective(collective, mesh)

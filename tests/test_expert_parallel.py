@@ -226,6 +226,8 @@ def test_bad_mesh_and_inputs_raise_value_error():
     make(mesh=mesh, collective="nccl")
   with pytest.raises(ValueError, match="divisible by the 4 devices"):
     make(mesh=mesh)(jnp.ones((10, H)))
+  with pytest.raises(ValueError, match="'moe_input' is not supported with a mesh"):
+    make(mesh=mesh, offload_names=("moe_input",))
 
 
 @needs_mesh
