@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole GPU cycle in one device call (about 9 minutes on an H100):
+#   bash benchmarks/gpu_session.sh [SECTION ...]     sections: tests demo mlp gemm offload
+# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_session_out.
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+out=${OUT:-gpu_session_out}; mkdir -p "$out"
+sections=${*:-tests demo mlp offload}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__)"
+run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
+  local name=$1 limit=$2; shift 2
+  echo "== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "rc=$? in $((SECONDS - t0)) s"
+  tail -n 12 "$out/$name.log"
+}
+for s in $sections; do case $s in
+  tests) run gpu_tests 240 python -m pytest -m gpu tests -q -x -p no:cacheprovider ;;
+  demo)
+    run demo_device 150 python -m jaxmoe.demo --preset gpu --steps 30 --offload-names none
+    run demo_offload 200 python -m jaxmoe.demo --preset gpu --steps 15 --hlo-out "$out/demo_offload.hlo" ;;
+  mlp) run grouped_mlp 240 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;
+  gemm) run grouped_gemm 540 python benchmarks/grouped_gemm.py ;;
+  offload)
+    run offload 420 python benchmarks/offload.py --steps 5 --out "$out/offload.json" \
+      --shape compute_bound --shape link_bound \
+      --placement device --placement offload_default --placement offload_unpermuted ;;
+  *) echo "unknown section $s" ;;
+esac; done
