@@ -61,10 +61,10 @@ class SReLUEpilogue(_RowScaledEpilogue):
     (p_gmem,), (h_gmem, a_gmem), (p_smem,) = ins, outs, scratch
     p = self._load_p(p_gmem, p_smem, barriers[0], where)
     h = acc.astype(h_gmem.dtype)
-    gmm_mgpu._store_rows(h, o_smem, h_gmem, **where)
+    gmm_mgpu.store_rows(h, o_smem, h_gmem, **where)
     # a from the rounded h, as the backward (which reads the stored h) sees it.
     a = srelu_mgpu.srelu_tile(h.astype(jnp.float32), p)
-    gmm_mgpu._store_rows(a.astype(a_gmem.dtype), o_smem, a_gmem, **where)
+    gmm_mgpu.store_rows(a.astype(a_gmem.dtype), o_smem, a_gmem, **where)
 
 
 class DSReLUEpilogue(_RowScaledEpilogue):
@@ -91,7 +91,7 @@ class DSReLUEpilogue(_RowScaledEpilogue):
     h = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     dh, dp = srelu_mgpu.dsrelu_tile(acc, h, p)
     dp_smem[...] = dp
-    gmm_mgpu._store_rows(dh.astype(dh_gmem.dtype), o_smem, dh_gmem, **where)
+    gmm_mgpu.store_rows(dh.astype(dh_gmem.dtype), o_smem, dh_gmem, **where)
     plgpu.copy_smem_to_gmem(dp_smem, dp_gmem.at[item, where["n_tile"]])
 
 

@@ -14,7 +14,7 @@ Design:
     one warpgroup (`_gmm_kernel`), or warp-specialised with a TMA producer
     warpgroup and two consumer warpgroups (`_gmm_kernel_ws`,
     config.num_compute_wgs=2, the default for large shapes).
-  * `_store_rows` writes only the item's rows of the tile, with a ladder of TMA
+  * `store_rows` writes only the item's rows of the tile, with a ladder of TMA
     stores (see there), and leaves them in flight over the next item's main
     loop. Padding items skip the main loop and store the zero accumulator, so
     every output row is written by the kernel and no wrapper pass over the
@@ -137,7 +137,7 @@ def _mainloop(acc_ref, lhs_gmem, rhs_gmem, tile_row0, n_tile, *, cfg, transpose_
   )(lhs_gmem, rhs_gmem)
 
 
-def _store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
+def store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
 
   The tile goes to o_smem, then out by TMA. The stores are not awaited here: the
@@ -210,7 +210,7 @@ class Epilogue:
 
   def __call__(self, acc, o_smem, ins, outs, scratch, barriers, *, item, where):
     del ins, scratch, barriers, item
-    _store_rows(acc.astype(outs[0].dtype), o_smem, outs[0], **where)
+    store_rows(acc.astype(outs[0].dtype), o_smem, outs[0], **where)
 
 
 def _split_refs(refs, epilogue: Epilogue, num_extra_inputs: int):
