@@ -19,6 +19,7 @@ from flax import nnx
 from jaxmoe import corpus
 from jaxmoe import hlo_report
 from jaxmoe import offload
+from jaxmoe import profile_report
 from jaxmoe.lm import LMConfig, MoETransformerLM, next_token_loss, param_count
 from jaxmoe.progress import ProgressBar
 
@@ -30,6 +31,7 @@ PRESETS = {
                 num_heads=16, ffn_size=4096, num_experts=8, top_k=2, dtype="bfloat16",
                 learning_rate=1e-3),
 }
+PROFILED_STEPS = (3, 4)  # After compilation (step 1) and warm-up.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--recompute-names", default="none",
                  help="comma-separated residuals to recompute in backward, or 'none'")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--unfused", action="store_true",
+                 help="run the activation as its own kernel instead of in the GEMM epilogues")
+  p.add_argument("--profile", metavar="DIR",
+                 help="trace steps 3 and 4 with jax.profiler into DIR and print the "
+                      "busiest ops of each stream")
   p.add_argument("--hlo-out", metavar="PATH",
                  help="write the compiled training step's HLO here and print what it "
                       "says about host offload (copies, host buffers)")
@@ -73,7 +80,8 @@ def train(args: argparse.Namespace) -> dict:
   learning_rate = preset.pop("learning_rate")
   cfg = LMConfig(vocab_size=corpus.VOCAB_SIZE, backend=args.backend,
                  offload_names=names(args.offload_names),
-                 recompute_names=names(args.recompute_names), **preset)
+                 recompute_names=names(args.recompute_names), fused=not args.unfused,
+                 **preset)
   offload.offload_policy(cfg.offload_names, cfg.recompute_names)  # Fail fast.
   model = MoETransformerLM(cfg, rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(
@@ -99,8 +107,15 @@ def train(args: argparse.Namespace) -> dict:
   bar = ProgressBar(steps)
   tokens_per_step = batch_size * cfg.seq_len
   losses, timed_start = [], None
+  first_traced, last_traced = PROFILED_STEPS
   for step in range(1, steps + 1):
+    if args.profile and step == first_traced:
+      jax.profiler.start_trace(args.profile)
     xent = float(train_step(model, optimizer, jnp.asarray(next(batches))))
+    if args.profile and step == last_traced:
+      jax.profiler.stop_trace()
+      print(f"profile of steps {first_traced}-{last_traced} -> {args.profile}:\n"
+            f"{profile_report.summary(args.profile)}", flush=True)
     losses.append(xent)
     if step == 1:  # Compilation is in step 1: time the rest.
       timed_start = time.perf_counter()

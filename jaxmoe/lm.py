@@ -25,6 +25,7 @@ class LMConfig:
   offload_names: tuple[str, ...] = offload.DEFAULT_OFFLOAD_NAMES
   recompute_names: tuple[str, ...] = ()
   backend: str = "auto"
+  fused: bool = True
   dtype: str = "bfloat16"
 
 
@@ -40,7 +41,7 @@ class Block(nnx.Module):
     self.moe = MoELayer(
         cfg.model_dim, cfg.ffn_size, cfg.num_experts, cfg.top_k,
         offload_names=cfg.offload_names, recompute_names=cfg.recompute_names,
-        backend=cfg.backend, dtype=dtype, rngs=rngs)
+        backend=cfg.backend, fused=cfg.fused, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array):
     x = x + self.attn(self.attn_norm(x), mask=mask)
