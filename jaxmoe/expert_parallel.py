@@ -17,7 +17,9 @@ One exchange, two transports (`collective`):
 - "ragged": `jax.lax.ragged_all_to_all` moves exactly the routed rows (GPU, TPU);
 - "padded": `jax.lax.all_to_all` of a [X, C, ...] buffer, C rows per peer (any
   backend; XLA:CPU has no ragged-all-to-all in jax 0.11.2);
-- "auto": ragged on GPU/TPU, padded elsewhere.
+- "auto": ragged on TPU, padded elsewhere. On 2 H100s (BENCHMARKS.md) XLA's
+  ragged-all-to-all made the training step 7.7x slower than the padded exchange
+  (56.5 vs 7.4 ms), so GPUs get "padded" until that changes.
 
 Dropless buffer sizing: a device holds R = t*k rows. In the worst case all of them
 go to one peer (so a send slot has C = R rows) and all X peers send all their rows to
@@ -88,13 +90,13 @@ def check_mesh(mesh: jax.sharding.Mesh, expert_axis: str, data_axis: str | None,
 
 
 def resolve_collective(collective: str, mesh: jax.sharding.Mesh) -> str:
-  """"auto" -> "ragged" where XLA has ragged-all-to-all (GPU, TPU), else "padded"."""
+  """"auto" -> "ragged" on TPU, else "padded" (the faster one on H100s, see above)."""
   if collective not in COLLECTIVES:
     raise ValueError(f"Unknown collective {collective!r}; expected one of {COLLECTIVES}.")
   if collective != "auto":
     return collective
   platform = mesh.devices.flat[0].platform
-  return "ragged" if platform in ("gpu", "cuda", "rocm", "tpu") else "padded"
+  return "ragged" if platform == "tpu" else "padded"
 
 
 def shard_expert_params(params: dict, mesh: jax.sharding.Mesh, expert_axis: str) -> None:
