@@ -85,8 +85,9 @@ def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
   return timed(lambda: jax.device_put(x, host)), timed(lambda: jax.device_put(on_host, dev))
 
 
-def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: str) -> dict:
-  """Builds the stack, times the training step, returns one record."""
+def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: str,
+            unrolled: bool = False) -> dict:
+  """Builds the stack, compiles the training step once, times it, returns one record."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -94,7 +95,6 @@ def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: s
   import jaxmoe
   from jaxmoe import hlo_report
 
-  shape = SMALL if small else SHAPES[shape_name]
   names = PLACEMENTS[placement]
 
   @nnx.split_rngs(splits=shape.layers)
@@ -109,41 +109,60 @@ def run_one(shape_name: str, placement: str, small: bool, steps: int, backend: s
   x = jax.random.normal(jax.random.key(1), (shape.tokens, shape.hidden), jnp.bfloat16)
   target = jax.random.normal(jax.random.key(2), x.shape, jnp.bfloat16)
 
+  def layer_step(h, layer):
+    y, aux = layer(h)
+    return h + y, aux["load_balancing_loss"]
+
   def loss_fn(stack):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-    def body(h, layer):
-      y, aux = layer(h)
-      return h + y, aux["load_balancing_loss"]
-    y, lb = body(x, stack)
+    if unrolled:  # A Python loop: XLA sees every layer, as in jaxmoe.lm.
+      h, lbs = x, []
+      for i in range(shape.layers):
+        h, lb = layer_step(h, _layer(stack, i))
+        lbs.append(lb)
+      y, lb = h, jnp.stack(lbs)
+    else:
+      y, lb = nnx.scan(layer_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
     return jnp.mean((y.astype(jnp.float32) - target) ** 2) + 0.01 * jnp.mean(lb)
 
-  @nnx.jit
   def train_step(stack, optimizer):
     loss, grads = nnx.value_and_grad(loss_fn)(stack)
     optimizer.update(stack, grads)
     return loss
 
+  # One compile: the executable that the HLO summary describes is the one timed.
   compiled = hlo_report.compile_step(train_step, stack, optimizer)
   compiled_stats = compiled.memory_analysis()
   hlo_summary = hlo_report.offload_summary(compiled.as_text())
+  state = nnx.state((stack, optimizer))
   for _ in range(2):
-    jax.block_until_ready(train_step(stack, optimizer))
+    loss, state = compiled(state)
+  jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    jax.block_until_ready(train_step(stack, optimizer))
+    loss, state = compiled(state)
+    jax.block_until_ready((loss, state))
     times.append(time.perf_counter() - t0)
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      "shape": shape_name, "placement": placement,
+      "shape": shape_name, "placement": placement, "unrolled": unrolled,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "step_ms": 1e3 * statistics.median(times),
       "peak_bytes": stats.get("peak_bytes_in_use"),
       "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
       "hlo_host_temp_bytes": getattr(compiled_stats, "host_temp_size_in_bytes", None),
-      "hlo_offload": hlo_summary,
+      "hlo_offload": hlo_summary, "loss": float(loss),
       "tokens": shape.tokens, "layers": shape.layers, "H": shape.hidden, "F": shape.ffn,
       "G": shape.experts, "top_k": shape.top_k, "backend": backend,
   }
+
+
+def _layer(stack, i: int):
+  """Layer i of a stack made with nnx.vmap, as a module of its own."""
+  from flax import nnx
+  import jax
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
 def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
@@ -178,6 +197,12 @@ def main() -> None:
   p.add_argument("--placement", choices=list(PLACEMENTS), action="append")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--backend", default="auto")
+  p.add_argument("--layers", type=int, help="override the shapes' layer count")
+  p.add_argument("--tokens", type=int, help="override the shapes' tokens per layer")
+  p.add_argument("--unrolled", action="store_true",
+                 help="layers in a Python loop instead of nnx.scan")
+  p.add_argument("--xla-flags", default="",
+                 help="appended to XLA_FLAGS of each run (e.g. scheduler experiments)")
   p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--out", default=RESULTS)
@@ -185,14 +210,23 @@ def main() -> None:
   shapes = args.shape or list(SHAPES)
   placements = args.placement or list(PLACEMENTS)
   if args.worker:  # One setting in this process: its peak memory is its own.
-    print(json.dumps(run_one(shapes[0], placements[0], args.small, args.steps, args.backend)))
+    shape = SMALL if args.small else SHAPES[shapes[0]]
+    shape = dataclasses.replace(shape, **{k: v for k, v in (
+        ("layers", args.layers), ("tokens", args.tokens)) if v})
+    print(json.dumps(run_one(shape, shapes[0], placements[0], args.steps, args.backend,
+                             args.unrolled)))
     return
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
   records = []
   for shape in shapes:
     for placement in placements:
       cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--placement", placement,
-             "--steps", str(args.steps), "--backend", args.backend] + (["--small"] if args.small else [])
-      proc = subprocess.run(cmd, capture_output=True, text=True)
+             "--steps", str(args.steps), "--backend", args.backend]
+      cmd += ["--small"] if args.small else []
+      cmd += ["--unrolled"] if args.unrolled else []
+      cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("tokens", args.tokens)) if v]
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
       if proc.returncode != 0:
         print(f"{shape}/{placement} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         continue
