@@ -151,6 +151,10 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
       "peak_bytes": stats.get("peak_bytes_in_use"),
       "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
       "hlo_host_temp_bytes": getattr(compiled_stats, "host_temp_size_in_bytes", None),
+      # XLA's compile-time sizes: the memory figures a CPU run has (no memory_stats there).
+      "hlo_temp_bytes": getattr(compiled_stats, "temp_size_in_bytes", None),
+      "hlo_argument_bytes": getattr(compiled_stats, "argument_size_in_bytes", None),
+      "hlo_output_bytes": getattr(compiled_stats, "output_size_in_bytes", None),
       "hlo_offload": hlo_summary, "loss": float(loss),
       "tokens": shape.tokens, "layers": shape.layers, "H": shape.hidden, "F": shape.ffn,
       "G": shape.experts, "top_k": shape.top_k, "backend": backend,
