@@ -12,9 +12,12 @@ from flax import nnx
 import jax
 
 
-def compile_step(step, model, optimizer, *args) -> jax.stages.Compiled:
-  """`step(model, optimizer, *args)`, an nnx training step, compiled (`.as_text()`
-  gives its HLO, `.memory_analysis()` its buffer sizes, host ones included)."""
+def compile_step(step, model, optimizer, *args, donate_state: bool = False
+                 ) -> jax.stages.Compiled:
+  """`step(model, optimizer, *args)`, an nnx training step, compiled as
+  `(state, *args) -> (out, new state)` with state = `nnx.state((model, optimizer))`
+  (`.as_text()` gives its HLO, `.memory_analysis()` its buffer sizes, host ones
+  included). With `donate_state`, calling it consumes the state passed in."""
   graphdef, state = nnx.split((model, optimizer))
 
   def pure(state, *args):
@@ -22,7 +25,8 @@ def compile_step(step, model, optimizer, *args) -> jax.stages.Compiled:
     out = step(model, optimizer, *args)
     return out, nnx.state((model, optimizer))
 
-  return jax.jit(pure).lower(state, *args).compile()
+  donate = (0,) if donate_state else ()
+  return jax.jit(pure, donate_argnums=donate).lower(state, *args).compile()
 
 
 def offload_summary(hlo_text: str) -> dict[str, int]:
