@@ -50,6 +50,8 @@ SMALL = Shape(hidden=64, ffn=128, experts=4, top_k=2, tokens=64, layers=2)
 PLACEMENTS = {
     "device": dict(offload_names=(), recompute_names=()),
     "offload_default": dict(offload_names=("fc1_input", "activation_input"), recompute_names=()),
+    "offload_fc1": dict(offload_names=("fc1_input",), recompute_names=()),
+    "offload_moe_input": dict(offload_names=("moe_input",), recompute_names=("fc1_input",)),
     "offload_all": dict(offload_names=("fc1_input", "activation_input", "fc2_input"),
                         recompute_names=()),
     "offload_unpermuted": dict(offload_names=("moe_input", "activation_input"),
@@ -61,10 +63,32 @@ PLACEMENTS = {
 
 
 def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2) -> int:
+  """Bytes sent to host per step (and back) for the named residuals, from the shapes."""
   rows = shape.tokens * shape.top_k
   per_name = {"fc1_input": rows * shape.hidden, "activation_input": rows * shape.ffn,
               "fc2_input": rows * shape.ffn, "moe_input": shape.tokens * shape.hidden}
   return shape.layers * itemsize * sum(per_name[n] for n in offload_names)
+
+
+def cover_flops_per_byte(shape: Shape, offload_names, itemsize: int = 2) -> float | None:
+  """Forward FLOPs that a residual's copy to host can run under, per byte copied.
+
+  A residual's copy starts when it exists and must end before its layer's forward
+  does (the next layer reuses the memory): `moe_input` and `fc1_input` exist before
+  FC1, so FC1 + FC2 (4·H·F FLOPs a row) cover them; `activation_input` and
+  `fc2_input` exist after FC1, so only FC2 (2·H·F) does. The copies share one link,
+  so the figure for several names is their covering FLOPs over their bytes, summed.
+  Offloading runs free when this exceeds the GPU's matmul rate over the host link
+  speed (H100: ~600 TFLOP/s / 52 GB/s ~ 11,500 FLOPs per byte; README "When offload
+  pays"). None when nothing is offloaded.
+  """
+  if not offload_names:
+    return None
+  rows, gemm = shape.tokens * shape.top_k, 2 * shape.hidden * shape.ffn
+  cover = {"moe_input": 2 * gemm, "fc1_input": 2 * gemm, "activation_input": gemm,
+           "fc2_input": gemm}
+  flops = shape.layers * rows * sum(cover[n] for n in offload_names)
+  return flops / predicted_offload_bytes(shape, offload_names, itemsize)
 
 
 def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
@@ -85,17 +109,17 @@ def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
   return timed(lambda: jax.device_put(x, host)), timed(lambda: jax.device_put(on_host, dev))
 
 
-def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: str,
-            unrolled: bool = False) -> dict:
-  """Builds the stack, compiles the training step once, times it, returns one record."""
+def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False):
+  """An L-layer MoELayer stack and its training step (forward, backward, SGD update).
+
+  Returns (train_step, stack, optimizer) for `hlo_report.compile_step`.
+  """
   import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
   import jaxmoe
-  from jaxmoe import hlo_report
-
-  names = PLACEMENTS[placement]
+  from jaxmoe.lm import stacked_layer
 
   @nnx.split_rngs(splits=shape.layers)
   @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -110,14 +134,18 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
   target = jax.random.normal(jax.random.key(2), x.shape, jnp.bfloat16)
 
   def layer_step(h, layer):
-    y, aux = layer(h)
+    # Pre-norm residual block: without the norm, relu(h)**2 makes the residual
+    # stream grow doubly exponentially with depth (inf by layer 6 at these sizes).
+    h32 = h.astype(jnp.float32)
+    normed = h32 * jax.lax.rsqrt(jnp.mean(h32 ** 2, axis=-1, keepdims=True) + 1e-6)
+    y, aux = layer(normed.astype(h.dtype))
     return h + y, aux["load_balancing_loss"]
 
   def loss_fn(stack):
     if unrolled:  # A Python loop: XLA sees every layer, as in jaxmoe.lm.
       h, lbs = x, []
       for i in range(shape.layers):
-        h, lb = layer_step(h, _layer(stack, i))
+        h, lb = layer_step(h, stacked_layer(stack, i))
         lbs.append(lb)
       y, lb = h, jnp.stack(lbs)
     else:
@@ -129,21 +157,56 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
     optimizer.update(stack, grads)
     return loss
 
-  # One compile: the executable that the HLO summary describes is the one timed.
-  compiled = hlo_report.compile_step(train_step, stack, optimizer, donate_state=True)
-  compiled_stats = compiled.memory_analysis()
-  hlo_summary = hlo_report.offload_summary(compiled.as_text())
-  state = nnx.state((stack, optimizer))
-  del stack, optimizer  # Their arrays are the state, donated to the first step.
-  for _ in range(2):
+  return train_step, stack, optimizer
+
+
+def time_steps(compiled, state, steps: int, warmup: int = 2):
+  """Runs a donated `(state) -> (loss, state)` executable; returns (times s, losses, state)."""
+  import jax
+  losses, times = [], []
+  for _ in range(warmup):
     loss, state = compiled(state)
-  jax.block_until_ready(state)
-  times = []
+    losses.append(float(loss))
   for _ in range(steps):
     t0 = time.perf_counter()
     loss, state = compiled(state)
     jax.block_until_ready((loss, state))
     times.append(time.perf_counter() - t0)
+    losses.append(float(loss))
+  return times, losses, state
+
+
+def compiled_sizes(compiled) -> dict:
+  """XLA's compile-time buffer sizes (the memory figures a CPU run has too)."""
+  stats = compiled.memory_analysis()
+  get = lambda name: getattr(stats, name, None)  # noqa: E731
+  return {"hlo_host_temp_bytes": get("host_temp_size_in_bytes"),
+          "hlo_temp_bytes": get("temp_size_in_bytes"),
+          "hlo_argument_bytes": get("argument_size_in_bytes"),
+          "hlo_output_bytes": get("output_size_in_bytes")}
+
+
+def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: str,
+            unrolled: bool = False, hlo_dir: str | None = None) -> dict:
+  """Builds the stack, compiles the training step once, times it, returns one record.
+
+  With `hlo_dir`, the compiled HLO (its schedule) is written there as SHAPE.PLACEMENT.hlo.
+  """
+  import jax
+  from flax import nnx
+  from jaxmoe import hlo_report
+
+  names = PLACEMENTS[placement]
+  train_step, stack, optimizer = build_step(shape, names, backend, unrolled)
+  # One compile: the executable that the HLO summary describes is the one timed.
+  compiled = hlo_report.compile_step(train_step, stack, optimizer, donate_state=True)
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, f"{shape_name}.{placement}.hlo"), "w") as f:
+      f.write(compiled.as_text())
+  state = nnx.state((stack, optimizer))
+  del stack, optimizer  # Their arrays are the state, donated to the first step.
+  times, losses, state = time_steps(compiled, state, steps)
   stats = jax.devices()[0].memory_stats() or {}
   return {
       "shape": shape_name, "placement": placement, "unrolled": unrolled,
@@ -151,23 +214,12 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
       "step_ms": 1e3 * statistics.median(times),
       "peak_bytes": stats.get("peak_bytes_in_use"),
       "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
-      "hlo_host_temp_bytes": getattr(compiled_stats, "host_temp_size_in_bytes", None),
-      # XLA's compile-time sizes: the memory figures a CPU run has (no memory_stats there).
-      "hlo_temp_bytes": getattr(compiled_stats, "temp_size_in_bytes", None),
-      "hlo_argument_bytes": getattr(compiled_stats, "argument_size_in_bytes", None),
-      "hlo_output_bytes": getattr(compiled_stats, "output_size_in_bytes", None),
-      "hlo_offload": hlo_summary, "loss": float(loss),
+      "cover_flops_per_byte": cover_flops_per_byte(shape, names["offload_names"]),
+      **compiled_sizes(compiled),
+      "hlo_offload": hlo_report.offload_summary(compiled.as_text()), "losses": losses,
       "tokens": shape.tokens, "layers": shape.layers, "H": shape.hidden, "F": shape.ffn,
       "G": shape.experts, "top_k": shape.top_k, "backend": backend,
   }
-
-
-def _layer(stack, i: int):
-  """Layer i of a stack made with nnx.vmap, as a module of its own."""
-  from flax import nnx
-  import jax
-  graphdef, state = nnx.split(stack)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
 def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
@@ -184,7 +236,7 @@ def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
 
 def print_table(records: list[dict]) -> None:
   print(f"{'shape':14} {'placement':19} {'step ms':>8} {'x device':>8} {'peak GiB':>8} "
-        f"{'offl GiB':>8} {'HLO host GiB':>12} {'bound ms':>8} {'hidden':>6}")
+        f"{'offl GiB':>8} {'HLO host GiB':>12} {'bound ms':>8} {'hidden':>6} {'FLOP/B':>7}")
   device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
   for r in records:
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
@@ -192,7 +244,8 @@ def print_table(records: list[dict]) -> None:
     ratio = r["step_ms"] / device_ms[r["shape"]] if r["shape"] in device_ms else float("nan")
     print(f"{r['shape']:14} {r['placement']:19} {r['step_ms']:8.1f} {ratio:8.2f} "
           f"{gib(r['peak_bytes']):>8} {gib(r['offloaded_bytes']):>8} "
-          f"{gib(r['hlo_host_temp_bytes']):>12} {r.get('bound_ms', float('nan')):8.1f} {hidden:>6}")
+          f"{gib(r['hlo_host_temp_bytes']):>12} {r.get('bound_ms', float('nan')):8.1f} {hidden:>6} "
+          f"{'' if r.get('cover_flops_per_byte') is None else round(r['cover_flops_per_byte']):>7}")
 
 
 def main() -> None:
@@ -208,6 +261,7 @@ def main() -> None:
                  help="layers in a Python loop instead of nnx.scan")
   p.add_argument("--xla-flags", default="",
                  help="appended to XLA_FLAGS of each run (e.g. scheduler experiments)")
+  p.add_argument("--hlo-dir", help="write each run's compiled HLO there")
   p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--out", default=RESULTS)
@@ -219,7 +273,7 @@ def main() -> None:
     shape = dataclasses.replace(shape, **{k: v for k, v in (
         ("layers", args.layers), ("tokens", args.tokens)) if v})
     print(json.dumps(run_one(shape, shapes[0], placements[0], args.steps, args.backend,
-                             args.unrolled)))
+                             args.unrolled, args.hlo_dir)))
     return
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
@@ -230,6 +284,7 @@ def main() -> None:
              "--steps", str(args.steps), "--backend", args.backend]
       cmd += ["--small"] if args.small else []
       cmd += ["--unrolled"] if args.unrolled else []
+      cmd += [f"--hlo-dir={args.hlo_dir}"] if args.hlo_dir else []
       cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("tokens", args.tokens)) if v]
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
       if proc.returncode != 0:

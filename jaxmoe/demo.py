@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--unfused", action="store_true",
                  help="run the activation as its own kernel instead of in the GEMM epilogues")
+  p.add_argument("--unrolled", action="store_true",
+                 help="run the layers in a Python loop instead of nnx.scan (faster without "
+                      "offload; with it, XLA keeps the offloaded residuals on device too)")
   p.add_argument("--profile", metavar="DIR",
                  help="trace steps 3 and 4 with jax.profiler into DIR and print the "
                       "busiest ops of each stream")
@@ -92,7 +95,7 @@ def train(args: argparse.Namespace) -> dict:
   cfg = LMConfig(vocab_size=corpus.VOCAB_SIZE, backend=args.backend,
                  offload_names=names(args.offload_names),
                  recompute_names=names(args.recompute_names), fused=not args.unfused,
-                 **preset)
+                 scan_layers=not args.unrolled, **preset)
   offload.offload_policy(cfg.offload_names, cfg.recompute_names)  # Fail fast.
   model = MoETransformerLM(cfg, rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(

@@ -27,6 +27,12 @@ class LMConfig:
   backend: str = "auto"
   fused: bool = True
   dtype: str = "bfloat16"
+  # nnx.scan over layers (True) or a Python loop (False). Under scan, XLA writes each
+  # layer's offloaded residuals into a host buffer as the layer runs, freeing their
+  # device memory; in a Python loop it keeps them on device until backward, so
+  # offload saves nothing there. Without offload the loop is faster and leaner
+  # (BENCHMARKS.md "Demo").
+  scan_layers: bool = True
 
 
 class Block(nnx.Module):
@@ -57,20 +63,39 @@ class MoETransformerLM(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.model_dim, rngs=rngs)
     self.pos_embed = nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.model_dim)))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    # One Block with a leading [num_layers] axis on every parameter.
+    make_blocks = nnx.split_rngs(splits=cfg.num_layers)(
+        nnx.vmap(lambda rngs: Block(cfg, rngs=rngs), in_axes=(0,), out_axes=0))
+    self.blocks = make_blocks(rngs)
     self.final_norm = nnx.RMSNorm(cfg.model_dim, rngs=rngs)
 
   def __call__(self, tokens: jax.Array):
     seq_len = tokens.shape[1]
     x = (self.embed(tokens) + self.pos_embed[:seq_len]).astype(jnp.dtype(self.cfg.dtype))
     mask = nnx.make_causal_mask(tokens)
-    lb_loss = z_loss = 0.0
-    for block in self.blocks:
+
+    def block_step(x, block):
       x, aux = block(x, mask)
-      lb_loss += aux["load_balancing_loss"] / len(self.blocks)
-      z_loss += aux["router_z_loss"] / len(self.blocks)
+      return x, (aux["load_balancing_loss"], aux["router_z_loss"])
+
+    if self.cfg.scan_layers:
+      x, (lb_losses, z_losses) = nnx.scan(
+          block_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)
+    else:
+      losses = []
+      for i in range(self.cfg.num_layers):
+        x, layer_losses = block_step(x, stacked_layer(self.blocks, i))
+        losses.append(layer_losses)
+      lb_losses, z_losses = map(jnp.stack, zip(*losses))
     logits = self.embed.attend(self.final_norm(x.astype(jnp.float32)))
-    return logits, {"load_balancing_loss": lb_loss, "router_z_loss": z_loss}
+    return logits, {"load_balancing_loss": jnp.mean(lb_losses),
+                    "router_z_loss": jnp.mean(z_losses)}
+
+
+def stacked_layer(stack: nnx.Module, i: int) -> nnx.Module:
+  """Layer i of modules made with `nnx.vmap` (a leading layer axis on every array)."""
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
 def next_token_loss(model: MoETransformerLM, batch: jax.Array,

@@ -37,3 +37,27 @@ def test_offload_summary_counts_host_moves():
   assert hlo_report.offload_summary(text) == {
       "host_shapes": 3, "copy_start": 1, "copy_done": 1, "host_dynamic_update_slice": 1,
       "host_dynamic_slice": 0, "custom_calls": 1}
+
+
+@pytest.mark.parametrize("offload_names", [(), ("fc1_input", "activation_input")])
+def test_lm_layers_in_scan_match_the_python_loop(offload_names):
+  import jax
+  import numpy as np
+  from flax import nnx
+  from jaxmoe import lm
+
+  batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 11)
+  results = []
+  for scan_layers in (True, False):
+    cfg = lm.LMConfig(vocab_size=11, seq_len=16, num_layers=3, backend="xla",
+                      dtype="float32", offload_names=offload_names,
+                      scan_layers=scan_layers)
+    model = lm.MoETransformerLM(cfg, rngs=nnx.Rngs(0))
+    loss_fn = lambda m: lm.next_token_loss(m, batch)[0]  # noqa: E731
+    loss, grads = jax.jit(lambda s: jax.value_and_grad(
+        lambda s: loss_fn(nnx.merge(nnx.graphdef(model), s)))(s))(nnx.state(model))
+    results.append((loss, grads))
+  (loss_scan, grads_scan), (loss_loop, grads_loop) = results
+  np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
+  for g_scan, g_loop in zip(jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop)):
+    np.testing.assert_allclose(g_scan, g_loop, rtol=1e-4, atol=1e-6)
