@@ -70,25 +70,10 @@ def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2) -> i
   return shape.layers * itemsize * sum(per_name[n] for n in offload_names)
 
 
-def cover_flops_per_byte(shape: Shape, offload_names, itemsize: int = 2) -> float | None:
-  """Forward FLOPs that a residual's copy to host can run under, per byte copied.
-
-  A residual's copy starts when it exists and must end before its layer's forward
-  does (the next layer reuses the memory): `moe_input` and `fc1_input` exist before
-  FC1, so FC1 + FC2 (4·H·F FLOPs a row) cover them; `activation_input` and
-  `fc2_input` exist after FC1, so only FC2 (2·H·F) does. The copies share one link,
-  so the figure for several names is their covering FLOPs over their bytes, summed.
-  Offloading runs free when this exceeds the GPU's matmul rate over the host link
-  speed (H100: ~600 TFLOP/s / 52 GB/s ~ 11,500 FLOPs per byte; README "When offload
-  pays"). None when nothing is offloaded.
-  """
-  if not offload_names:
-    return None
-  rows, gemm = shape.tokens * shape.top_k, 2 * shape.hidden * shape.ffn
-  cover = {"moe_input": 2 * gemm, "fc1_input": 2 * gemm, "activation_input": gemm,
-           "fc2_input": gemm}
-  flops = shape.layers * rows * sum(cover[n] for n in offload_names)
-  return flops / predicted_offload_bytes(shape, offload_names, itemsize)
+def cover_flops_per_byte(shape: Shape, offload_names) -> float | None:
+  """`jaxmoe.offload.cover_flops_per_byte` for a shape: forward FLOPs covering the copies."""
+  from jaxmoe import offload
+  return offload.cover_flops_per_byte(offload_names, shape.hidden, shape.ffn, shape.top_k)
 
 
 def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:

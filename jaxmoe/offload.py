@@ -61,3 +61,47 @@ def offload_policy(offload_names: str | Iterable[str] = DEFAULT_OFFLOAD_NAMES,
       offload_src="device",
       offload_dst="pinned_host",
   )
+
+
+def cover_flops_per_byte(offload_names: str | Iterable[str], hidden_size: int,
+                         ffn_size: int, top_k: int) -> float | None:
+  """Forward FLOPs that the copies of `offload_names` to host can hide under, per byte.
+
+  A residual's copy starts when it exists and must end before its layer's forward
+  pass does, so what covers it is the expert GEMM work after it in the layer:
+  FC1 + FC2 (4·H·F FLOPs a row) for `moe_input` and `fc1_input`, FC2 alone (2·H·F)
+  for `activation_input` and `fc2_input`. Per byte copied that is 2·top_k·F, 2·F,
+  H and H (bytes are 2 per element for any one dtype: the ratio does not depend on
+  it). Several names share the link: their FLOPs summed over their bytes summed.
+
+  Offloading cost no step time on an H100 when this exceeded its matmul rate over
+  the host link (~600 TFLOP/s / 52 GB/s ~ 11,500), and cost step time in every case
+  below (README "When offload pays"; see `copies_hide`).
+
+  Returns:
+    FLOPs per byte, or None when nothing is offloaded.
+
+  Raises:
+    ValueError: a name is not one of `PLACEABLE_NAMES`.
+  """
+  names = as_names(offload_names, "offload_names")
+  if not names:
+    return None
+  h, f, k = hidden_size, ffn_size, top_k
+  # Per token: (covering FLOPs, elements copied). A token has top_k rows of
+  # fc1_input / activation_input / fc2_input and one row of moe_input.
+  per_token = {MOE_INPUT: (k * 4 * h * f, h), FC1_INPUT: (k * 4 * h * f, k * h),
+               ACTIVATION_INPUT: (k * 2 * h * f, k * f), FC2_INPUT: (k * 2 * h * f, k * f)}
+  flops = sum(per_token[n][0] for n in names)
+  elements = sum(per_token[n][1] for n in names)
+  return flops / (2 * elements)
+
+
+def copies_hide(offload_names: str | Iterable[str], hidden_size: int, ffn_size: int,
+                top_k: int, *, matmul_flops_per_s: float = 600e12,
+                host_link_bytes_per_s: float = 52e9) -> bool:
+  """Whether offloading `offload_names` should cost no step time, by the rule of
+  `cover_flops_per_byte` (defaults: an H100 over PCIe, as measured). True when
+  nothing is offloaded."""
+  cover = cover_flops_per_byte(offload_names, hidden_size, ffn_size, top_k)
+  return cover is None or cover >= matmul_flops_per_s / host_link_bytes_per_s

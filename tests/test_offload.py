@@ -148,3 +148,47 @@ def test_moe_layer_can_offload_its_unpermuted_input_instead():
   for a, b, c in zip(*map(jax.tree.leaves, (grads, default_grads, device_grads))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("offload_names,recompute_names", [
+    (("fc1_input",), ()),
+    (("activation_input",), ()),
+    (("fc1_input", "activation_input"), ()),
+    (("moe_input",), ("fc1_input",)),
+    (("moe_input", "activation_input", "fc2_input"), ("fc1_input",)),
+])
+def test_cover_flops_per_byte_counts_the_bytes_a_layer_offloads(offload_names, recompute_names):
+  hidden, ffn, experts, top_k, tokens = 24, 40, 5, 3, 37
+  layer = jaxmoe.MoELayer(hidden, ffn, experts, top_k, offload_names=offload_names,
+                          recompute_names=recompute_names, backend="xla",
+                          dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (tokens, hidden), jnp.bfloat16)
+  loss = lambda state: jnp.sum(nnx.merge(graphdef, state)(x)[0].astype(jnp.float32) ** 2)  # noqa: E731
+  host_bytes = sum(aval.size * aval.dtype.itemsize
+                   for aval, _ in saved_residuals(loss, state) if "<host>" in aval.str_short())
+  # FC1 + FC2 follow moe_input and fc1_input in the forward pass, FC2 alone follows
+  # the others; each GEMM is 2*H*F FLOPs for each of the tokens*top_k rows.
+  gemms_after = {"moe_input": 2, "fc1_input": 2, "activation_input": 1, "fc2_input": 1}
+  flops = sum(gemms_after[n] for n in offload_names) * 2 * hidden * ffn * tokens * top_k
+  assert jaxmoe.offload.cover_flops_per_byte(offload_names, hidden, ffn, top_k) == (
+      pytest.approx(flops / host_bytes))
+
+
+def test_copies_hide_agrees_with_the_h100_measurements():
+  import json
+  import pathlib
+  from benchmarks.offload import PLACEMENTS
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / "offload.json"
+  records = json.loads(path.read_text())["records"]
+  device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
+  checked = 0
+  for r in records:
+    if not r["offloaded_bytes"]:
+      continue
+    predicted = jaxmoe.offload.copies_hide(PLACEMENTS[r["placement"]]["offload_names"],
+                                           r["H"], r["F"], r["top_k"])
+    measured_free = r["step_ms"] <= 1.05 * device_ms[r["shape"]]
+    assert predicted == measured_free, (r["shape"], r["placement"])
+    checked += 1
+  assert checked >= 8
