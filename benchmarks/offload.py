@@ -44,6 +44,9 @@ SHAPES = {
     # DeepSeek-like experts: top-8 makes fc1_input 8x the layer input. 4 layers: at 8,
     # the bf16 weights and their gradients alone (60 GB) would not leave room.
     "link_bound": Shape(hidden=7168, ffn=2048, experts=64, top_k=8, tokens=4096, layers=4),
+    # A wide model: H above the ~11,500 FLOPs per byte at which an H100 hides a copy, so
+    # by the rule (README "When offload pays") activation_input's copy hides under FC2.
+    "wide_hidden": Shape(hidden=16384, ffn=4096, experts=8, top_k=2, tokens=4096, layers=4),
 }
 SMALL = Shape(hidden=64, ffn=128, experts=4, top_k=2, tokens=64, layers=2)
 
@@ -51,6 +54,7 @@ PLACEMENTS = {
     "device": dict(offload_names=(), recompute_names=()),
     "offload_default": dict(offload_names=("fc1_input", "activation_input"), recompute_names=()),
     "offload_fc1": dict(offload_names=("fc1_input",), recompute_names=()),
+    "offload_act": dict(offload_names=("activation_input",), recompute_names=()),
     "offload_moe_input": dict(offload_names=("moe_input",), recompute_names=("fc1_input",)),
     "offload_all": dict(offload_names=("fc1_input", "activation_input", "fc2_input"),
                         recompute_names=()),
