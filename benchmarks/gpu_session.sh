@@ -18,12 +18,17 @@ for s in $sections; do case $s in
   tests) run gpu_tests 240 python -m pytest -m gpu tests -q -x -p no:cacheprovider ;;
   demo)
     run demo_device 150 python -m jaxmoe.demo --preset gpu --steps 30 --offload-names none
-    run demo_offload 200 python -m jaxmoe.demo --preset gpu --steps 15 --hlo-out "$out/demo_offload.hlo" ;;
+    run demo_offload 150 python -m jaxmoe.demo --preset gpu --steps 30 --hlo-out "$out/demo_offload.hlo"
+    run demo_moe_input 150 python -m jaxmoe.demo --preset gpu --steps 30 \
+      --offload-names moe_input --recompute-names fc1_input ;;
   mlp) run grouped_mlp 240 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;
   gemm) run grouped_gemm 540 python benchmarks/grouped_gemm.py ;;
   offload)
-    run offload 420 python benchmarks/offload.py --steps 5 --out "$out/offload.json" \
-      --shape compute_bound --shape link_bound \
-      --placement device --placement offload_default --placement offload_unpermuted ;;
+    # The full table (BENCHMARKS.md) is one run per shape, ~3 minutes each.
+    for shape in compute_bound link_bound; do
+      run "offload_$shape" 290 python benchmarks/offload.py --steps 5 --out "$out/offload_$shape.json" \
+        --shape "$shape" --placement device --placement offload_default --placement offload_fc1 \
+        --placement offload_unpermuted --placement offload_moe_input --placement recompute_all
+    done ;;
   *) echo "unknown section $s" ;;
 esac; done
