@@ -3,6 +3,7 @@
     python -m jaxmoe.demo                      # CPU-sized, about a minute
     python -m jaxmoe.demo --preset gpu         # H100-sized
     python -m jaxmoe.demo --offload-names none # everything on device, to compare
+    python -m jaxmoe.demo --unrolled           # layers in a Python loop instead of nnx.scan
 """
 
 from __future__ import annotations
