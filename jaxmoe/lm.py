@@ -29,8 +29,8 @@ class LMConfig:
   dtype: str = "bfloat16"
   # nnx.scan over layers (True) or a Python loop (False). Under scan, XLA writes each
   # layer's offloaded residuals into a host buffer as the layer runs, freeing their
-  # device memory; in a Python loop it keeps them on device until backward, so
-  # offload saves nothing there. Without offload the loop is faster and leaner
+  # device memory; in a Python loop it keeps most of them on device until backward,
+  # so offload saves little there. Without offload the loop is faster and leaner
   # (BENCHMARKS.md "Demo").
   scan_layers: bool = True
 

@@ -70,9 +70,9 @@ def cover_flops_per_byte(offload_names: str | Iterable[str], hidden_size: int,
   A residual's copy starts when it exists and must end before its layer's forward
   pass does, so what covers it is the expert GEMM work after it in the layer:
   FC1 + FC2 (4·H·F FLOPs a row) for `moe_input` and `fc1_input`, FC2 alone (2·H·F)
-  for `activation_input` and `fc2_input`. Per byte copied that is 2·top_k·F, 2·F,
-  H and H (bytes are 2 per element for any one dtype: the ratio does not depend on
-  it). Several names share the link: their FLOPs summed over their bytes summed.
+  for `activation_input` and `fc2_input`. Per byte copied, with 2-byte (bf16 or
+  fp16) residuals, that is 2·top_k·F, 2·F, H and H. Several names share the link:
+  their FLOPs summed over their bytes summed.
 
   Offloading cost no step time on an H100 when this exceeded its matmul rate over
   the host link (~600 TFLOP/s / 52 GB/s ~ 11,500), and cost step time in every case
