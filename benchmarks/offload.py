@@ -68,10 +68,9 @@ PLACEMENTS = {
 
 def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2) -> int:
   """Bytes sent to host per step (and back) for the named residuals, from the shapes."""
-  rows = shape.tokens * shape.top_k
-  per_name = {"fc1_input": rows * shape.hidden, "activation_input": rows * shape.ffn,
-              "fc2_input": rows * shape.ffn, "moe_input": shape.tokens * shape.hidden}
-  return shape.layers * itemsize * sum(per_name[n] for n in offload_names)
+  from jaxmoe import offload
+  return shape.layers * offload.offloaded_bytes(
+      offload_names, shape.hidden, shape.ffn, shape.top_k, shape.tokens, itemsize)
 
 
 def cover_flops_per_byte(shape: Shape, offload_names) -> float | None:

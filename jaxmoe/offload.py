@@ -63,6 +63,17 @@ def offload_policy(offload_names: str | Iterable[str] = DEFAULT_OFFLOAD_NAMES,
   )
 
 
+def offloaded_bytes(offload_names: str | Iterable[str], hidden_size: int, ffn_size: int,
+                    top_k: int, tokens: int, itemsize: int = 2) -> int:
+  """Bytes that offloading `offload_names` sends to host (and back) for one layer
+  of `tokens` tokens: `moe_input` is [tokens, H], `fc1_input` [tokens·top_k, H],
+  `activation_input` and `fc2_input` [tokens·top_k, F]."""
+  rows = tokens * top_k
+  elements = {MOE_INPUT: tokens * hidden_size, FC1_INPUT: rows * hidden_size,
+              ACTIVATION_INPUT: rows * ffn_size, FC2_INPUT: rows * ffn_size}
+  return itemsize * sum(elements[n] for n in as_names(offload_names, "offload_names"))
+
+
 def cover_flops_per_byte(offload_names: str | Iterable[str], hidden_size: int,
                          ffn_size: int, top_k: int) -> float | None:
   """Forward FLOPs that the copies of `offload_names` to host can hide under, per byte.
@@ -87,14 +98,10 @@ def cover_flops_per_byte(offload_names: str | Iterable[str], hidden_size: int,
   names = as_names(offload_names, "offload_names")
   if not names:
     return None
-  h, f, k = hidden_size, ffn_size, top_k
-  # Per token: (covering FLOPs, elements copied). A token has top_k rows of
-  # fc1_input / activation_input / fc2_input and one row of moe_input.
-  per_token = {MOE_INPUT: (k * 4 * h * f, h), FC1_INPUT: (k * 4 * h * f, k * h),
-               ACTIVATION_INPUT: (k * 2 * h * f, k * f), FC2_INPUT: (k * 2 * h * f, k * f)}
-  flops = sum(per_token[n][0] for n in names)
-  elements = sum(per_token[n][1] for n in names)
-  return flops / (2 * elements)
+  gemm_per_token = 2 * hidden_size * ffn_size * top_k  # one GEMM over a token's top_k rows
+  gemms_after = {MOE_INPUT: 2, FC1_INPUT: 2, ACTIVATION_INPUT: 1, FC2_INPUT: 1}
+  flops = gemm_per_token * sum(gemms_after[n] for n in names)
+  return flops / offloaded_bytes(names, hidden_size, ffn_size, top_k, tokens=1)
 
 
 def copies_hide(offload_names: str | Iterable[str], hidden_size: int, ffn_size: int,

@@ -173,6 +173,7 @@ def test_cover_flops_per_byte_counts_the_bytes_a_layer_offloads(offload_names, r
   flops = sum(gemms_after[n] for n in offload_names) * 2 * hidden * ffn * tokens * top_k
   assert jaxmoe.offload.cover_flops_per_byte(offload_names, hidden, ffn, top_k) == (
       pytest.approx(flops / host_bytes))
+  assert jaxmoe.offload.offloaded_bytes(offload_names, hidden, ffn, top_k, tokens) == host_bytes
 
 
 def test_copies_hide_agrees_with_the_h100_measurements():
