@@ -22,7 +22,7 @@ for s in $sections; do case $s in
     run demo_moe_input 150 python -m jaxmoe.demo --preset gpu --steps 30 \
       --offload-names moe_input --recompute-names fc1_input ;;
   mlp) run grouped_mlp 240 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;
-  gemm) run grouped_gemm 540 python benchmarks/grouped_gemm.py ;;
+  gemm) run grouped_gemm 560 python benchmarks/grouped_gemm.py --sweep --out "$out/grouped_gemm.json" ;;
   offload)
     # The full table (BENCHMARKS.md) is one run per shape, ~3 minutes each.
     for shape in compute_bound link_bound; do

@@ -45,14 +45,24 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
 # (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) for ragged_dot_mgpu.
 RAGGED_MGPU_CONFIGS = ((128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (64, 128, 64, 5, 4),
                        (128, 64, 64, 5, 4), (192, 128, 64, 3, 4))
+_WS = dict(block_m=128, block_n=128, block_k=64, num_compute_wgs=2)
 GMM_SWEEP = (
     config_lib.GmmConfig(128, 128, 64, 5, 4),
-    config_lib.GmmConfig(128, 192, 64, 4, 4),
-    config_lib.GmmConfig(128, 128, 64, 3, 4, num_compute_wgs=2),
-    config_lib.GmmConfig(128, 128, 64, 3, 8, num_compute_wgs=2),
-    config_lib.GmmConfig(128, 128, 64, 3, 2, num_compute_wgs=2),
-    config_lib.GmmConfig(64, 128, 64, 4, 4, num_compute_wgs=2),
+    config_lib.GmmConfig(**_WS, max_concurrent_steps=3, grid_block_n=4),
+    config_lib.GmmConfig(**_WS, max_concurrent_steps=3, grid_block_n=8),
+    config_lib.GmmConfig(**_WS, max_concurrent_steps=4, grid_block_n=4, chain_items=True,
+                         epilogue_rows=64),
+    config_lib.GmmConfig(**_WS, max_concurrent_steps=4, grid_block_n=8, chain_items=True,
+                         epilogue_rows=64),
 )
+
+
+def _fits(cfg, k, n) -> bool:
+  try:
+    cfg.validate_for(k, n)
+  except NotImplementedError:
+    return False
+  return True
 
 
 def _tflops(m, k, n, passes, ms):
@@ -77,7 +87,7 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
         best = (ms, cfg)
     fwd_cfg = best[1] if best else None
   # dgrad is gmm with N and K swapped: reuse the forward's best config if it fits.
-  dgrad_cfg = fwd_cfg if fwd_cfg is not None and k % fwd_cfg.cta_block_n == 0 else None
+  dgrad_cfg = fwd_cfg if fwd_cfg is not None and _fits(fwd_cfg, k=n, n=k) else None
   fwd = jax.jit(functools.partial(gmm_mgpu, config=fwd_cfg))
   dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True, config=dgrad_cfg))
   wgrad = jax.jit(tgmm_mgpu)
@@ -184,6 +194,7 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--anchors", choices=("all", "dense", "none"), default="all")
   parser.add_argument("--log", default=None)
+  parser.add_argument("--out", default=RESULTS, help="where the JSON goes")
   args = parser.parse_args()
   log_file = open(args.log, "a") if args.log else None
 
@@ -210,8 +221,8 @@ def main() -> None:
   if not args.no_torch:
     records += run_torch(args.quick, log)
   device = jax.devices()[0]
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
     json.dump({"card": device.device_kind, "jax": jax.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "command": " ".join(["python"] + sys.argv), "records": records}, f,

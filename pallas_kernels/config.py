@@ -45,6 +45,15 @@ class GmmConfig:
       block_m x block_n tile. 2: warp-specialised, a producer warpgroup loads
       and two consumer warpgroups each compute a block_m x block_n half of a
       block_m x (2*block_n) tile (as in JAX's hopper_matmul_mgpu).
+    chain_items: warp-specialised only. True: the producer warpgroup streams
+      the K steps of all of an SM's work items as one pipeline, so it loads the
+      next item's first tiles while the consumers run the current item's
+      epilogue (Pallas' pipeline_state). Needs (K / block_k) to be a multiple
+      of max_concurrent_steps. False: one pipeline per item.
+    epilogue_rows: rows of the shared-memory staging buffer the epilogue
+      stores through (a divisor of block_m; None = block_m). Half of block_m
+      frees shared memory for a deeper pipeline; the tile then goes out in
+      two passes.
   """
   block_m: int = 128
   block_n: int = 128
@@ -52,11 +61,18 @@ class GmmConfig:
   max_concurrent_steps: int = 4
   grid_block_n: int = 4
   num_compute_wgs: int = 1
+  chain_items: bool = False
+  epilogue_rows: int | None = None
 
   @property
   def cta_block_n(self) -> int:
     """Output columns of one work item (all consumer warpgroups together)."""
     return self.block_n * self.num_compute_wgs
+
+  @property
+  def staged_rows(self) -> int:
+    """Rows of the epilogue's staging buffer."""
+    return self.epilogue_rows or self.block_m
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -72,6 +88,13 @@ class GmmConfig:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
     if self.num_compute_wgs not in (1, 2):
       raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    if self.chain_items and self.num_compute_wgs == 1:
+      raise ValueError("chain_items=True needs the warp-specialised kernel "
+                       "(num_compute_wgs=2).")
+    if (self.epilogue_rows is not None
+        and (self.epilogue_rows % 8 or self.block_m % self.epilogue_rows)):
+      raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of 8 "
+                       f"that divides block_m={self.block_m}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
@@ -80,7 +103,7 @@ class GmmConfig:
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
     stage = (self.block_m + self.cta_block_n) * self.block_k * in_itemsize
     return (stage * self.max_concurrent_steps
-            + self.block_m * self.cta_block_n * out_itemsize)
+            + self.staged_rows * self.cta_block_n * out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
@@ -88,6 +111,10 @@ class GmmConfig:
     _check_smem(self, in_itemsize, out_itemsize)
     if k % self.block_k:
       raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
+    if self.chain_items and (k // self.block_k) % self.max_concurrent_steps:
+      raise NotImplementedError(
+          f"chain_items=True needs K/block_k={k // self.block_k} to be a multiple of "
+          f"max_concurrent_steps={self.max_concurrent_steps}.")
     if n % self.cta_block_n:
       raise NotImplementedError(
           f"N={n} is not a multiple of {self.num_compute_wgs}*block_n={self.cta_block_n}.")
@@ -143,16 +170,18 @@ class TgmmConfig:
 
 _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
            num_compute_wgs=2)
+_CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+                num_compute_wgs=2, chain_items=True, epilogue_rows=64)
 # (M, K, N, G) -> forward config, the best of benchmarks/grouped_gemm.py --sweep
-# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-25). The
+# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). The
 # same shapes' dgrad (N and K swapped) takes the heuristic.
 GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
-    (16384, 4096, 2048, 8): GmmConfig(**_WS, grid_block_n=4),      # 639 TF/s
-    (16384, 2048, 4096, 8): GmmConfig(**_WS, grid_block_n=8),      # 601
-    (16384, 4096, 1024, 64): GmmConfig(**_WS, grid_block_n=4),     # 404
-    (16384, 1024, 4096, 64): GmmConfig(**_WS, grid_block_n=8),     # 349
-    (65536, 2048, 1536, 128): GmmConfig(**_WS, grid_block_n=8),    # 498
-    (32768, 7168, 2048, 256): GmmConfig(128, 128, 64, 5, 4),       # 266 (ws: 254)
+    (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 668 TF/s
+    (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 642
+    (16384, 4096, 1024, 64): GmmConfig(**_CHAINED, grid_block_n=4),   # 416
+    (16384, 1024, 4096, 64): GmmConfig(**_CHAINED, grid_block_n=8),   # 375
+    (65536, 2048, 1536, 128): GmmConfig(**_CHAINED, grid_block_n=8),  # 540
+    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8),       # 291 (chained: 232)
 }
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 
@@ -176,22 +205,25 @@ def _deepest(make, steps, out_itemsize: int):
 def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConfig:
   """The tuned config for this shape if there is one, else a heuristic one.
 
-  Heuristic (from the H100 sweep): when N splits into 256-column tiles, the
-  warp-specialised kernel with two 128x128 consumer warpgroups and a 3-deep
-  pipeline (5-8% faster than one warpgroup at G=8 and G=64); otherwise one
-  warpgroup with a 128x(192|128) tile (about the largest float32 accumulator a
-  warpgroup holds in registers) and the deepest pipeline that fits. Small M
-  gets 64-row tiles.
+  Heuristic (from the H100/H200 sweeps): when N splits into 256-column tiles,
+  the warp-specialised kernel with two 128x128 consumer warpgroups; its items
+  chained into one 4-deep pipeline per SM with the epilogue staged in 64-row
+  halves when K/64 is a multiple of 4, else a 3-deep pipeline per item.
+  Otherwise one warpgroup with a 128x(192|128) tile (about the largest
+  float32 accumulator a warpgroup holds in registers) and the deepest
+  pipeline that fits. Small M gets 64-row tiles.
   """
   tuned = GMM_TUNED.get((m, k, n, g))
   if tuned is not None and tuned.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
     return tuned
   block_m = 128 if m >= 128 * 8 else 64
   if block_m == 128 and n % 256 == 0:
-    cfg = _deepest(lambda s: GmmConfig(128, 128, 64, s, 4, num_compute_wgs=2), (3,),
-                   out_itemsize)
-    if cfg is not None:
-      return cfg
+    candidates = [GmmConfig(**_WS, grid_block_n=4)]
+    if (k // 64) % _CHAINED["max_concurrent_steps"] == 0:
+      candidates.insert(0, GmmConfig(**_CHAINED, grid_block_n=8))
+    for cfg in candidates:
+      if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
+        return cfg
   # A 128x256 float32 accumulator would take all 255 registers of a thread.
   block_n = _largest_dividing(n, (192, 128, 64) if block_m == 128 else (256, 128, 64))
   cfg = _deepest(lambda s: GmmConfig(block_m, block_n, 64, s), (5, 4, 3, 2), out_itemsize)

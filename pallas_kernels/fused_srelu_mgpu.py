@@ -72,6 +72,13 @@ class DSReLUEpilogue(_RowScaledEpilogue):
 
   num_barriers = 2
 
+  def check_supported(self, m, cfg):
+    super().check_supported(m, cfg)
+    if cfg.staged_rows != cfg.block_m:
+      raise NotImplementedError(
+          "the dSReLU epilogue loads a whole h tile through the staging buffer: "
+          f"it needs epilogue_rows=None or {cfg.block_m}, got {cfg.epilogue_rows}.")
+
   def out_types(self, m, n, out_dtype, num_items, cfg):
     return (jax.ShapeDtypeStruct((m, n), out_dtype),
             jax.ShapeDtypeStruct((num_items, n // cfg.block_n, cfg.block_m), jnp.float32))
@@ -112,8 +119,12 @@ def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, confi
   if config is None:
     config = config_lib.gmm_config(m, k, w2.shape[1], w2.shape[0], h.dtype.itemsize)
     # Loading a 256-column h tile into the WGMMA layout sends Mosaic GPU's layout
-    # inference into a search that does not end in reasonable time.
-    config = dataclasses.replace(config, block_n=min(config.block_n, MAX_DSRELU_BLOCK_N))
+    # inference into a search that does not end in reasonable time. The h tile
+    # comes in through a whole-tile staging buffer, which leaves room for 3
+    # pipeline stages: too few to chain items (K/block_k must split into them).
+    unchained = dict(chain_items=False, max_concurrent_steps=3) if config.chain_items else {}
+    config = dataclasses.replace(config, block_n=min(config.block_n, MAX_DSRELU_BLOCK_N),
+                                 epilogue_rows=None, **unchained)
   (dh, dp_partial), meta = gmm_mgpu.gmm_mgpu_with_epilogue(
       dy, w2, group_sizes, DSReLUEpilogue(), (h, p.astype(jnp.float32)),
       transpose_rhs=True, out_dtype=h.dtype, interpret=interpret, config=config)

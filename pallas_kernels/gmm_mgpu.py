@@ -26,6 +26,7 @@ Design:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -110,9 +111,10 @@ def _smem_transforms(minor: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def _mainloop(acc_ref, lhs_gmem, rhs_gmem, tile_row0, n_tile, *, cfg, transpose_rhs):
+def _mainloop(acc_ref, lhs_gmem, rhs_gmem, where, *, cfg, transpose_rhs):
   """acc_ref += lhs[tile rows, :] @ rhs[:, n-tile] (rhs: one group's [K, N] or [N, K])."""
   m, k = lhs_gmem.shape
+  tile_row0, n_tile = where["tile_row0"], where["n_tile"]
   if m >= cfg.block_m:  # The tile may start at any row (see metadata.py).
     lhs_gmem = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), cfg.block_m)]
 
@@ -140,37 +142,46 @@ def _mainloop(acc_ref, lhs_gmem, rhs_gmem, tile_row0, n_tile, *, cfg, transpose_
 def store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
 
-  The tile goes to o_smem, then out by TMA. The stores are not awaited here: the
-  next item's main loop runs while they drain, and the next call waits for them
-  before it overwrites o_smem.
+  The tile goes out through o_smem ([cfg.staged_rows, block_n]), in block_m /
+  staged_rows passes that skip row chunks with nothing to store. The stores of a
+  pass are not awaited here: the next item's main loop runs while the last ones
+  drain, and each pass waits for the previous stores before it overwrites o_smem.
 
   TMA stores have static shapes but the row count is only known at run time,
-  so the rows go out as a ladder of power-of-two TMA stores, one per set bit
-  of the count (as in JAX's ragged_dot_mgpu). E.g. 5 rows from smem row 3:
+  so the rows of a pass go out as a ladder of power-of-two TMA stores, one per
+  set bit of the count (as in JAX's ragged_dot_mgpu). E.g. 5 rows from smem row 3:
 
       smem rows  3..6   one store of 4 rows   (bit 2 of 5)
       smem row   7      one store of 1 row    (bit 0 of 5)
 
   Other items write the tile's other rows (other groups or the padding).
   """
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  o_smem[...] = tile
-  plgpu.commit_smem()
-  count = row_end - row_start
-  smem_row = row_start - tile_row0
+  chunk = o_smem.shape[0]
   n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
-  for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
-    rows = 1 << bit
-    if rows > out_gmem.shape[0]:
-      continue
+  for c in range(cfg.block_m // chunk):
+    chunk_row0 = tile_row0 + c * chunk
+    start = jnp.maximum(row_start, chunk_row0)
+    count = jnp.minimum(row_end, chunk_row0 + chunk) - start
+    rows_of_chunk = tile if chunk == cfg.block_m else tile[c * chunk:(c + 1) * chunk]
 
-    @pl.when((count & rows) != 0)
+    @pl.when(count > 0)
     def _():
-      plgpu.copy_smem_to_gmem(
-          o_smem.at[pl.ds(smem_row, rows)],
-          out_gmem.at[pl.ds(tile_row0 + smem_row, rows), n_slice])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_smem[...] = rows_of_chunk
+      plgpu.commit_smem()
+      smem_row = start - chunk_row0
+      for bit in reversed(range(int(math.log2(chunk)) + 1)):
+        rows = 1 << bit
+        if rows > out_gmem.shape[0]:
+          continue
 
-    smem_row = smem_row + (count & rows)
+        @pl.when((count & rows) != 0)
+        def _():
+          plgpu.copy_smem_to_gmem(
+              o_smem.at[pl.ds(smem_row, rows)],
+              out_gmem.at[pl.ds(chunk_row0 + smem_row, rows), n_slice])
+
+        smem_row = smem_row + (count & rows)
 
 
 class Epilogue:
@@ -213,10 +224,16 @@ class Epilogue:
     store_rows(acc.astype(outs[0].dtype), o_smem, outs[0], **where)
 
 
+_NUM_META = len(dataclasses.fields(metadata_lib.GmmMetadata))
+
+
 def _split_refs(refs, epilogue: Epilogue, num_extra_inputs: int):
-  """(5 metadata refs, lhs, rhs, extra inputs..., outputs...) -> named groups."""
-  meta, (lhs_gmem, rhs_gmem) = refs[:5], refs[5:7]
-  return meta, lhs_gmem, rhs_gmem, refs[7:7 + num_extra_inputs], refs[7 + num_extra_inputs:]
+  """(metadata refs, lhs, rhs, extra inputs..., outputs...) -> named groups."""
+  del epilogue
+  meta = metadata_lib.GmmMetadata(*refs[:_NUM_META])
+  lhs_gmem, rhs_gmem = refs[_NUM_META:_NUM_META + 2]
+  rest = refs[_NUM_META + 2:]
+  return meta, lhs_gmem, rhs_gmem, rest[:num_extra_inputs], rest[num_extra_inputs:]
 
 
 def _epilogue_scratch(epilogue: Epilogue, cfg, num_wgs: int) -> dict:
@@ -234,57 +251,58 @@ def _scratch_for_wg(epi_smem, epi_barriers, epilogue: Epilogue, wg):
   return smem, barriers
 
 
+def _item_where(meta, item, n_tile, cfg) -> dict:
+  """The `where` of an item's epilogue: its tile, its rows and its n-tile."""
+  return dict(tile_row0=meta.tile_row0[item], row_start=meta.row_start[item],
+              row_end=meta.row_end[item], n_tile=n_tile, cfg=cfg)
+
+
 def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
-  """Runs body(item, n_tile, tile_row0, row_start, row_end) for this SM's share of
-  the used (item, n-tile) pairs, in planar-snake order (persistent grid)."""
-  _, tile_row0_gmem, row_start_gmem, row_end_gmem, _ = meta
+  """Runs body(item, n_tile) for this SM's share of the used (item, n-tile)
+  pairs, in planar-snake order (persistent grid)."""
 
   @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
   def _item_loop(loop_info: plgpu.NDLoopInfo):
     item, n_tile = plgpu.planar_snake(
         loop_info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
-    row_start = row_start_gmem[item]
-    row_end = row_end_gmem[item]
 
-    @pl.when(row_end > row_start)  # Unused items do nothing.
+    @pl.when(meta.row_end[item] > meta.row_start[item])  # Unused items do nothing.
     def _():
-      body(item, n_tile, tile_row0_gmem[item], row_start, row_end)
+      body(item, n_tile)
 
 
 def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
                 out_dtype):
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
-  group_id_gmem, _, _, _, compute_gmem = meta
   grid_n = n // cfg.block_n
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.block_m, cfg.block_n), dtype=out_dtype),
+      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.block_n), dtype=out_dtype),
       **_epilogue_scratch(epilogue, cfg, 1))
   def _(o_smem, epi_smem, epi_barriers):
     scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, 0)
 
-    def item_body(item, n_tile, tile_row0, row_start, row_end):
-      group = group_id_gmem[item]
+    def item_body(item, n_tile):
+      where = _item_where(meta, item, n_tile, cfg)
 
       def acc_scope(acc_ref):
         # Padding items keep the zero accumulator.
-        @pl.when(compute_gmem[item] != 0)
+        @pl.when(meta.compute[item] != 0)
         def _():
-          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[group], tile_row0, n_tile,
+          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[meta.group_id[item]], where,
                     cfg=cfg, transpose_rhs=transpose_rhs)
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
-      epilogue(acc, o_smem, ins, outs, scratch, barriers, item=item,
-               where=dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
-                          n_tile=n_tile, cfg=cfg))
+      epilogue(acc, o_smem, ins, outs, scratch, barriers, item=item, where=where)
 
     _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs):
+def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
+                 pipeline_state=None):
   """The warp-specialised K pipeline: lhs [block_m, block_k] and rhs tiles of
   [block_k, 2*block_n] (or [2*block_n, block_k]) per step, in swizzled smem."""
   transforms = _smem_transforms(cfg.block_k, dtype)
@@ -307,7 +325,16 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs):
       num_compute_wgs=cfg.num_compute_wgs,
       max_concurrent_steps=cfg.max_concurrent_steps,
       compute_context=compute_context,
+      pipeline_state=pipeline_state,
   )
+
+
+def _chain_state(loop_info: plgpu.NDLoopInfo) -> jax.Array:
+  """START for an SM's first item, STOP for its last, STEADY in between."""
+  state = plgpu.PipelinePipeline
+  last = loop_info.local_index == loop_info.num_local_steps - 1
+  return jnp.where(loop_info.local_index == 0, jnp.int32(state.START),
+                   jnp.where(last, jnp.int32(state.STOP), jnp.int32(state.STEADY)))
 
 
 def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
@@ -317,9 +344,13 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   Warpgroup 2 only issues TMA loads; warpgroups 0 and 1 each own a
   block_m x block_n accumulator, the left and right halves of the item's
   block_m x (2*block_n) tile, and run the epilogue on it.
+
+  With cfg.chain_items the compute items (metadata items [0, C)) come first,
+  as one chain of pipelines per SM (the producer runs ahead into the next
+  item), then the consumers write the padding items [C, U) without the
+  producer. Otherwise each item runs its own pipeline.
   """
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
-  group_id_gmem, _, _, _, compute_gmem = meta
   m, k = lhs_gmem.shape
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
   grid_n = n // cta_n
@@ -331,18 +362,20 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
           lhs_gmem, rhs_gmem.at[0]),
-      o_smem=plgpu.SMEM((cfg.num_compute_wgs, bm, bn), dtype=out_dtype),
+      o_smem=plgpu.SMEM((cfg.num_compute_wgs, cfg.staged_rows, bn), dtype=out_dtype),
       **_epilogue_scratch(epilogue, cfg, cfg.num_compute_wgs),
       collective_axes="wg",
   )
   def _(pipeline_allocs, o_smem, epi_smem, epi_barriers):
     wg = lax.axis_index("wg")
+    is_consumer = wg < cfg.num_compute_wgs
     scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
-    def item_body(item, n_cta, tile_row0, row_start, row_end):
-      compute = compute_gmem[item]
-      where = dict(tile_row0=tile_row0, row_start=row_start, row_end=row_end,
-                   n_tile=n_cta * cfg.num_compute_wgs + wg, cfg=cfg)
+    def where_of(item, n_cta):
+      return _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
+
+    def compute_item(item, n_cta, pipeline_state=None):
+      where = where_of(item, n_cta)
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
@@ -360,24 +393,46 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
         plgpu.wgmma_wait(0)
         return acc_ref
 
-      @pl.when(compute != 0)
-      def _():
-        lhs_rows = lhs_gmem
-        if m >= bm:
-          lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), bm)]
-        cols = pl.ds(n_cta * cta_n, cta_n)
-        rhs_g = rhs_gmem.at[group_id_gmem[item]]
-        rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
-        get_pipeline(mma, compute_context)(
-            lhs_rows, rhs_cols, allocations=pipeline_allocs)
+      lhs_rows = lhs_gmem
+      if m >= bm:
+        lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(where["tile_row0"], 8), bm)]
+      cols = pl.ds(n_cta * cta_n, cta_n)
+      rhs_g = rhs_gmem.at[meta.group_id[item]]
+      rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
+      get_pipeline(mma, compute_context, pipeline_state=pipeline_state)(
+          lhs_rows, rhs_cols, allocations=pipeline_allocs)
 
-      @pl.when((compute == 0) & (wg < cfg.num_compute_wgs))  # Padding: zeros.
-      def _():
-        zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
-        epilogue(zeros, o_smem.at[wg], ins, outs, scratch, barriers, item=item,
-                 where=where)
+    def zero_item(item, n_cta):  # Padding rows: zeros, written by the consumers.
+      zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
+      epilogue(zeros, o_smem.at[wg], ins, outs, scratch, barriers, item=item,
+               where=where_of(item, n_cta))
 
-    _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
+    if cfg.chain_items:
+      num_compute, num_used = meta.counts[0], meta.counts[1]
+
+      @plgpu.nd_loop((num_compute * grid_n,), collective_axes="sm")
+      def _compute_loop(loop_info: plgpu.NDLoopInfo):
+        item, n_cta = plgpu.planar_snake(
+            loop_info.index[0], (num_compute, grid_n), 1, cfg.grid_block_n)
+        # A chain needs a START and a STOP item; a lone item is a plain pipeline.
+        alone = loop_info.num_local_steps == 1
+        pl.when(alone)(lambda: compute_item(item, n_cta))
+        pl.when(~alone)(lambda: compute_item(
+            item, n_cta, pipeline_state=_chain_state(loop_info)))
+
+      @pl.when(is_consumer)
+      def _():
+        @plgpu.nd_loop(((num_used - num_compute) * grid_n,), collective_axes="sm")
+        def _padding_loop(loop_info: plgpu.NDLoopInfo):
+          pair = loop_info.index[0]
+          zero_item(num_compute + pair // grid_n, pair % grid_n)
+    else:
+      def item_body(item, n_cta):
+        compute = meta.compute[item]
+        pl.when(compute != 0)(lambda: compute_item(item, n_cta))
+        pl.when((compute == 0) & is_consumer)(lambda: zero_item(item, n_cta))
+
+      _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 

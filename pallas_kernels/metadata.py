@@ -53,19 +53,23 @@ class GmmMetadata:
       unused item), <= tile_row0 + block_m.
     compute: 1 if the rows are lhs @ rhs[group_id], 0 if they are zeros
       (padding rows past sum(group_sizes), or an unused item).
+    counts: int32 [2]: the number of compute items C and of used items U.
+      Items [0, C) compute, [C, U) are padding, [U, num_items) are unused.
   """
   group_id: jax.Array
   tile_row0: jax.Array
   row_start: jax.Array
   row_end: jax.Array
   compute: jax.Array
+  counts: jax.Array
 
   @property
   def num_items(self) -> int:
     return self.group_id.shape[0]
 
   def arrays(self) -> tuple[jax.Array, ...]:
-    return (self.group_id, self.tile_row0, self.row_start, self.row_end, self.compute)
+    return (self.group_id, self.tile_row0, self.row_start, self.row_end, self.compute,
+            self.counts)
 
 
 def gmm_num_items(m: int, num_groups: int, block_m: int) -> int:
@@ -104,12 +108,14 @@ def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
   row_end = jnp.minimum(seg_end[seg], tile_start + block_m)
   tile_row0 = jnp.clip(tile_start, 0, max(m - block_m, 0))
   zero = jnp.zeros_like(item)
+  counts = jnp.stack([item_begin[g], item_end[g]]).astype(jnp.int32)
   return GmmMetadata(
       group_id=jnp.minimum(seg, max(g - 1, 0)),
       tile_row0=jnp.where(used, tile_row0, zero),
       row_start=jnp.where(used, row_start, zero),
       row_end=jnp.where(used, row_end, zero),
       compute=(used & (seg < g)).astype(jnp.int32),
+      counts=counts,
   )
 
 

@@ -62,10 +62,27 @@ GMM_CASES = [
     (232, 128, 64, [0, 0, 0], True, jnp.bfloat16, jnp.bfloat16, None),
     (40, 128, 128, [3, 30], False, jnp.bfloat16, jnp.float32, None),
     (136, 64, 128, [101], False, jnp.bfloat16, jnp.float32, None),
+    (392, 64, 128, [17, 0, 70, 305], False, jnp.bfloat16, jnp.float32,
+     config_lib.GmmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2)),
     # Warp-specialised: a producer and two consumer warpgroups.
     (200, 128, 256, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                           num_compute_wgs=2)),
+]
+CHAINED = dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+               num_compute_wgs=2, chain_items=True)
+CHAINED_CASES = [
+    # (M, K, N, group_sizes, transpose_rhs, out dtype, config, SMs)
+    (344, 256, 256, [50, 0, 90, 30, 0, 101], False, jnp.bfloat16,
+     config_lib.GmmConfig(**CHAINED, epilogue_rows=32), 3),
+    (200, 128, 128, [0, 0, 131], True, jnp.float32, config_lib.GmmConfig(**CHAINED), 2),
+    (200, 128, 128, [7, 0, 1], False, jnp.float32, config_lib.GmmConfig(**CHAINED), 4),
+    # 128-row tiles whose rows are only at the top (rows 0-16, 208-236) or only at
+    # the bottom (the tile moved up to end at M: rows 336-391).
+    (392, 128, 128, [17, 0, 70, 150], False, jnp.bfloat16,
+     config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 3),
+    (392, 128, 128, [17, 0, 70, 305], True, jnp.float32,
+     config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 2),
 ]
 
 
@@ -82,6 +99,14 @@ def test_gmm_interpret(m, k, n, sizes, transpose_rhs, dtype, out_dtype, cfg):
   assert (np.asarray(out[used:]) == 0).all(), "padding rows must be zeros"
   if used:
     assert _rel_err(out[:used], ref[:used]) < TOL[out_dtype]
+
+
+@pytest.mark.parametrize("m,k,n,sizes,transpose_rhs,out_dtype,cfg,sms", CHAINED_CASES)
+def test_gmm_interpret_chained(m, k, n, sizes, transpose_rhs, out_dtype, cfg, sms,
+                               monkeypatch):
+  """Few SMs, so that each runs a chain of several items (and one runs a lone item)."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  test_gmm_interpret(m, k, n, sizes, transpose_rhs, jnp.bfloat16, out_dtype, cfg)
 
 
 TGMM_CASES = [
@@ -117,12 +142,14 @@ def _lower_for_h100(fn, *avals):
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("out_dtype,num_compute_wgs,steps", [
-    (jnp.bfloat16, 1, 4), (jnp.float32, 1, 4), (jnp.bfloat16, 2, 3), (jnp.float32, 2, 2)])
-def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps):
+@pytest.mark.parametrize("out_dtype,num_compute_wgs,steps,chain", [
+    (jnp.bfloat16, 1, 4, False), (jnp.float32, 1, 4, False), (jnp.bfloat16, 2, 3, False),
+    (jnp.float32, 2, 2, False), (jnp.bfloat16, 2, 4, True)])
+def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps, chain):
   m, k, n, g = 4096, 1024, 1024, 64
   cfg = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
-                             max_concurrent_steps=steps, num_compute_wgs=num_compute_wgs)
+                             max_concurrent_steps=steps, num_compute_wgs=num_compute_wgs,
+                             chain_items=chain, epilogue_rows=64 if chain else None)
   rhs_shape = (g, n, k) if transpose_rhs else (g, k, n)
   text = _lower_for_h100(
       lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs,
@@ -190,7 +217,12 @@ def test_gmm_metadata_covers_every_row_once(block_m):
     used = int(rng.integers(0, m + 1))
     sizes = np.diff(np.r_[0, np.sort(rng.integers(0, used + 1, g - 1)), used])
     meta = metadata(jnp.asarray(sizes, jnp.int32), m, block_m)
-    group, row0, start, end, compute = map(np.asarray, meta.arrays())
+    group, row0, start, end, compute, counts = map(np.asarray, meta.arrays())
+    num_compute, num_used = counts
+    # Compute items first, then the padding items, then the unused ones.
+    assert (compute[:num_compute] == 1).all() and (compute[num_compute:] == 0).all()
+    assert (end[:num_used] > start[:num_used]).all()
+    assert (end[num_used:] == start[num_used:]).all()
     ends = np.cumsum(sizes)
     cover = np.zeros(m, int)
     for i in np.flatnonzero(end > start):

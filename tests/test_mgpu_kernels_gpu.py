@@ -56,18 +56,21 @@ def _gmm_ref(lhs, rhs, gs, transpose_rhs):
                             precision=jax.lax.Precision.HIGHEST)
 
 
-# Both kernel variants, whatever the heuristic picks for these shapes.
+# Each kernel variant, whatever the heuristic picks for these shapes.
 ONE_WARPGROUP = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
                                      max_concurrent_steps=5)
 WARP_SPECIALIZED = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
                                         max_concurrent_steps=3, num_compute_wgs=2)
+CHAINED = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+                               num_compute_wgs=2, chain_items=True, epilogue_rows=64)
 
 
 @pytest.mark.parametrize("m,k,n,g,pad", [
     (16384, 2048, 2048, 8, 0), (16384, 1024, 4096, 64, 1000),
     (8192 + 72, 1024, 1536, 128, 301), (8192, 2048, 1024, 256, 0)])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("cfg", [ONE_WARPGROUP, WARP_SPECIALIZED], ids=["wg1", "ws"])
+@pytest.mark.parametrize("cfg", [ONE_WARPGROUP, WARP_SPECIALIZED, CHAINED],
+                         ids=["wg1", "ws", "chained"])
 def test_gmm_full_size(m, k, n, g, pad, transpose_rhs, cfg):
   rng = np.random.default_rng(m + g)
   keys = jax.random.split(jax.random.key(m + k + n + g), 2)
