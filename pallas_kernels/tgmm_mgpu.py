@@ -127,16 +127,126 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_k, cfg.block_n)))
-      # Wait for the previous item's store to have read o_smem; this one's store
-      # then drains during the next item's main loop.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      o_smem[...] = acc.astype(o_smem.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-          o_smem, out_gmem.at[g, pl.ds(k_tile * cfg.block_k, cfg.block_k),
-                              pl.ds(n_tile * cfg.block_n, cfg.block_n)])
+      _store_tile(acc, o_smem, out_gmem.at[g], k_tile, n_tile, cfg)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
+                    lhs_gmem, rhs_gmem, out_gmem, *, cfg):
+  """Warp-specialised tgmm (cfg.warp_specialized): warpgroup 1 loads, warpgroup 0 computes.
+
+  Both walk the same (group, k-tile, n-tile) items and count their row blocks
+  with one running step t across items; step t uses ring slot t % S. The
+  producer waits for the consumer to release a slot (`consumed`) before it
+  reloads it, and the consumer waits for the slot's loads (`produced`), so the
+  loads of an item's first blocks overlap the previous item's last wgmmas and
+  its store.
+  """
+  num_groups = out_gmem.shape[0]
+  k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
+  bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
+  slots = cfg.max_concurrent_steps
+  grid_k, grid_n = k // bk, n // bn
+
+  def for_each_item(body):
+    """body(g, k_tile, n_tile, t) -> t over this SM's items; t counts row blocks."""
+    @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm",
+                   init_carry=jnp.int32(0))
+    def _item_loop(loop_info: plgpu.NDLoopInfo, carry):
+      k_tile, n_tile = plgpu.planar_snake(
+          loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
+      return body(loop_info.index[0], k_tile, n_tile, carry)
+    return _item_loop
+
+  @functools.partial(
+      pl.run_scoped,
+      lhs_smem=plgpu.SMEM((slots, bm, bk), lhs_gmem.dtype,
+                          transforms=_smem_transforms(bk, lhs_gmem.dtype)),
+      rhs_smem=plgpu.SMEM((slots, bm, bn), rhs_gmem.dtype,
+                          transforms=_smem_transforms(bn, rhs_gmem.dtype)),
+      o_smem=plgpu.SMEM((bk, bn), out_gmem.dtype,
+                        transforms=_smem_transforms(bn, out_gmem.dtype)),
+      produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+      consumed=plgpu.Barrier(num_arrivals=1, num_barriers=slots),
+      collective_axes="wg",
+  )
+  def _(lhs_smem, rhs_smem, o_smem, produced, consumed):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 1)
+    def _producer():
+      def produce(g, k_tile, n_tile, t):
+        first_block = first_block_gmem[g]
+
+        def step(b, t):
+          slot = lax.rem(t, slots)
+          pl.when(t >= slots)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+          rows = pl.ds((first_block + b) * bm, bm)
+          plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
+                                  lhs_smem.at[slot], produced.at[slot])
+          plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * bn, bn)],
+                                  rhs_smem.at[slot], produced.at[slot])
+          return t + 1
+
+        return lax.fori_loop(0, num_blocks_gmem[g], step, t)
+
+      total = for_each_item(produce)
+      # Observe the last releases, so no barrier is left with an unseen phase.
+      for i in range(slots):
+        t = total - slots + i
+        pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(consumed.at[lax.rem(t, slots)]))
+
+    @pl.when(wg == 0)
+    def _consumer():
+      def consume(g, k_tile, n_tile, t):
+        row_start, row_end = row_start_gmem[g], row_end_gmem[g]
+        first_block = first_block_gmem[g]
+
+        def acc_scope(acc_ref):
+          def step(b, t):
+            slot = lax.rem(t, slots)
+            plgpu.barrier_wait(produced.at[slot])
+            block_row0 = (first_block + b) * bm
+
+            @pl.when((block_row0 < row_start) | (block_row0 + bm > row_end))
+            def _():
+              _mask_rows(lhs_smem.at[slot], block_row0, row_start, row_end)
+              _mask_rows(rhs_smem.at[slot], block_row0, row_start, row_end)
+              plgpu.commit_smem()
+
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot].T, rhs_smem.at[slot])
+            # One wgmma stays in flight: the previous one is done, free its slot.
+            plgpu.wgmma_wait(1)
+            pl.when(b > 0)(lambda: plgpu.barrier_arrive(consumed.at[lax.rem(t - 1, slots)]))
+            return t + 1
+
+          num_blocks = num_blocks_gmem[g]
+          t_end = lax.fori_loop(0, num_blocks, step, t)
+          plgpu.wgmma_wait(0)
+          pl.when(num_blocks > 0)(
+              lambda: plgpu.barrier_arrive(consumed.at[lax.rem(t_end - 1, slots)]))
+          return acc_ref[...], t_end
+
+        acc, t = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn)))
+        _store_tile(acc, o_smem, out_gmem.at[g], k_tile, n_tile, cfg)
+        return t
+
+      for_each_item(consume)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
+  """out_g[k-tile, n-tile] = acc via o_smem; the store drains under the next item.
+
+  Waits first for the previous item's store to have read o_smem.
+  """
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  o_smem[...] = acc.astype(o_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(
+      o_smem, out_g.at[pl.ds(k_tile * cfg.block_k, cfg.block_k),
+                       pl.ds(n_tile * cfg.block_n, cfg.block_n)])
 
 
 def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -166,11 +276,14 @@ def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   n = rhs.shape[1]
   g = group_sizes.shape[0]
   meta = metadata_lib.tgmm_metadata(group_sizes, m, cfg.block_m)
+  ws = cfg.warp_specialized
   kernel = plgpu.kernel(
-      functools.partial(_tgmm_kernel, cfg=cfg),
+      functools.partial(_tgmm_kernel_ws if ws else _tgmm_kernel, cfg=cfg),
       out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
       grid=(config_lib.num_sms(),),
       grid_names=("sm",),
+      num_threads=2 if ws else None,
+      thread_name="wg" if ws else None,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,

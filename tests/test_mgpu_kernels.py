@@ -119,20 +119,41 @@ TGMM_CASES = [
 
 
 @pytest.mark.parametrize("m,k,n,sizes,dtype,out_dtype", TGMM_CASES)
-def test_tgmm_interpret(m, k, n, sizes, dtype, out_dtype):
+def test_tgmm_interpret(m, k, n, sizes, dtype, out_dtype, cfg=None):
   rng = np.random.default_rng(m + 7 * len(sizes))
   lhs = np.asarray(rng.standard_normal((m, k)), np.float32)
   lhs[sum(sizes):] = np.nan  # rows past the sum are ignored, NaN or not
   lhs = jnp.asarray(lhs, dtype)
   rhs = _random(rng, (m, n), dtype)
   out = tgmm_mgpu(lhs, rhs, jnp.asarray(sizes, jnp.int32), out_dtype=out_dtype,
-                  interpret=True)
+                  interpret=True, config=cfg)
   assert out.shape == (len(sizes), k, n) and out.dtype == out_dtype
   out_np = np.asarray(out.astype(jnp.float32))
   assert not np.isnan(out_np).any()
   assert (out_np[np.asarray(sizes) == 0] == 0).all(), "empty groups must be zeros"
   if sum(sizes):
     assert _rel_err(out, _tgmm_ref(lhs, rhs, sizes)) < TOL[out_dtype]
+
+
+TGMM_WS = config_lib.TgmmConfig(block_m=64, block_k=64, block_n=64, max_concurrent_steps=2,
+                                warp_specialized=True)
+
+
+@pytest.mark.parametrize("m,k,n,sizes,dtype,out_dtype", TGMM_CASES[:3])
+def test_tgmm_interpret_one_warpgroup(m, k, n, sizes, dtype, out_dtype):
+  cfg = config_lib.TgmmConfig(block_m=64, block_k=64, block_n=64, max_concurrent_steps=2)
+  test_tgmm_interpret(m, k, n, sizes, dtype, out_dtype, cfg=cfg)
+
+
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,sms", [
+    (200, 128, 128, [50, 0, 90, 30], jnp.float32, 3),
+    (136, 64, 128, [3, 100, 0, 20], jnp.bfloat16, 2),
+    (392, 64, 64, [0, 130, 7, 0, 1, 200], jnp.float32, 4),
+])
+def test_tgmm_interpret_warp_specialized(m, k, n, sizes, out_dtype, sms, monkeypatch):
+  """Few SMs, so that each producer runs ahead across several items of its SM."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=TGMM_WS)
 
 
 def _lower_for_h100(fn, *avals):
@@ -168,10 +189,11 @@ def test_gmm_lowers_for_h100_many_groups():
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_tgmm_lowers_for_h100(dtype):
+@pytest.mark.parametrize("dtype,ws", [(jnp.bfloat16, False), (jnp.float16, False),
+                                      (jnp.bfloat16, True)])
+def test_tgmm_lowers_for_h100(dtype, ws):
   m, k, n, g = 4096, 1024, 1024, 64
-  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128)
+  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128, warp_specialized=ws)
   text = _lower_for_h100(
       lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=jnp.float32, config=cfg),
       jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
