@@ -55,6 +55,13 @@ GMM_SWEEP = (
     config_lib.GmmConfig(**_WS, max_concurrent_steps=4, grid_block_n=8, chain_items=True,
                          epilogue_rows=64),
 )
+TGMM_SWEEP = (
+    config_lib.TgmmConfig(64, 128, 128, 4, 4),
+    config_lib.TgmmConfig(64, 128, 128, 4, 4, warp_specialized=True),
+    config_lib.TgmmConfig(64, 128, 128, 5, 4, warp_specialized=True),
+    config_lib.TgmmConfig(64, 128, 128, 5, 8, warp_specialized=True),
+    config_lib.TgmmConfig(128, 128, 128, 3, 4, warp_specialized=True),
+)
 
 
 def _fits(cfg, k, n) -> bool:
@@ -69,34 +76,40 @@ def _tflops(m, k, n, passes, ms):
   return round(flops(m, k, n, passes) / ms / 1e9, 1)
 
 
+def _best_config(configs, fn, args, m, k, n, log):
+  """The fastest of `configs` for fn(*args, config=cfg), or None; logs each."""
+  best = None
+  for cfg in configs:
+    try:
+      ms = time_ms(jax.jit(functools.partial(fn, config=cfg)), *args)
+    except Exception as e:  # noqa: BLE001 -- a config may not fit; report it
+      log(f"  sweep {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+      continue
+    log(f"  sweep {cfg}: {_tflops(m, k, n, 1, ms)} TF/s")
+    if best is None or ms < best[0]:
+      best = (ms, cfg)
+  return best[1] if best else None
+
+
 def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
-  """Our kernels: fwd (best of the sweep if asked), dgrad, wgrad, fwd+bwd."""
-  records, fwd_cfg = [], None
+  """Our kernels: fwd and wgrad (best of the sweeps if asked), dgrad, fwd+bwd."""
+  records, fwd_cfg, wgrad_cfg = [], None, None
   if sweep:
-    best = None
-    for cfg in GMM_SWEEP:
-      if n % cfg.cta_block_n:
-        continue
-      try:
-        ms = time_ms(jax.jit(functools.partial(gmm_mgpu, config=cfg)), x, w, gs)
-      except Exception as e:  # noqa: BLE001 -- a config may not fit; report it
-        log(f"  sweep {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
-        continue
-      log(f"  sweep {cfg}: {_tflops(m, k, n, 1, ms)} TF/s")
-      if best is None or ms < best[0]:
-        best = (ms, cfg)
-    fwd_cfg = best[1] if best else None
+    fwd_cfg = _best_config([c for c in GMM_SWEEP if _fits(c, k, n)], gmm_mgpu,
+                           (x, w, gs), m, k, n, log)
+    wgrad_cfg = _best_config([c for c in TGMM_SWEEP if k % c.block_k == 0
+                              and n % c.block_n == 0], tgmm_mgpu, (x, dy, gs), m, k, n, log)
   # dgrad is gmm with N and K swapped: reuse the forward's best config if it fits.
   dgrad_cfg = fwd_cfg if fwd_cfg is not None and _fits(fwd_cfg, k=n, n=k) else None
   fwd = jax.jit(functools.partial(gmm_mgpu, config=fwd_cfg))
   dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True, config=dgrad_cfg))
-  wgrad = jax.jit(tgmm_mgpu)
+  wgrad = jax.jit(functools.partial(tgmm_mgpu, config=wgrad_cfg))
 
   @jax.jit
   def fwd_bwd(x, w, gs, dy):
     return (gmm_mgpu(x, w, gs, config=fwd_cfg),
             gmm_mgpu(dy, w, gs, transpose_rhs=True, config=dgrad_cfg),
-            tgmm_mgpu(x, dy, gs))
+            tgmm_mgpu(x, dy, gs, config=wgrad_cfg))
 
   for name, fn, args, passes in (("fwd", fwd, (x, w, gs), 1),
                                  ("dgrad", dgrad, (dy, w, gs), 1),
@@ -104,9 +117,9 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
                                  ("fwd+bwd", fwd_bwd, (x, w, gs, dy), 3)):
     ms = time_ms(fn, *args)
     records.append(dict(pass_=name, impl="jaxmoe", tflops=_tflops(m, k, n, passes, ms)))
-  if fwd_cfg is not None:
-    records[0]["config"] = str(fwd_cfg)
-    records[1]["config"] = str(dgrad_cfg)
+  for record, cfg in zip(records[:3], (fwd_cfg, dgrad_cfg, wgrad_cfg)):
+    if cfg is not None:
+      record["config"] = str(cfg)
   return records
 
 
