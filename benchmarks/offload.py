@@ -97,8 +97,13 @@ def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
   return timed(lambda: jax.device_put(x, host)), timed(lambda: jax.device_put(on_host, dev))
 
 
-def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False):
+def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False,
+               scan_unroll: int = 1, remat_layer: bool = False):
   """An L-layer MoELayer stack and its training step (forward, backward, SGD update).
+
+  `scan_unroll` layers go into one iteration of the scan's loop body (`nnx.scan(unroll=)`).
+  `remat_layer` checkpoints each whole block with the placement's policy, so that only the
+  named residuals (and the block's input) are saved: the norm and routing are recomputed.
 
   Returns (train_step, stack, optimizer) for `hlo_report.compile_step`.
   """
@@ -129,6 +134,9 @@ def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False):
     y, aux = layer(normed.astype(h.dtype))
     return h + y, aux["load_balancing_loss"]
 
+  if remat_layer:
+    layer_step = nnx.remat(layer_step, policy=jaxmoe.offload_policy(**names))
+
   def loss_fn(stack):
     if unrolled:  # A Python loop: XLA sees every layer, as in jaxmoe.lm.
       h, lbs = x, []
@@ -137,7 +145,8 @@ def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False):
         lbs.append(lb)
       y, lb = h, jnp.stack(lbs)
     else:
-      y, lb = nnx.scan(layer_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
+      y, lb = nnx.scan(layer_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                       unroll=scan_unroll)(x, stack)
     return jnp.mean((y.astype(jnp.float32) - target) ** 2) + 0.01 * jnp.mean(lb)
 
   def train_step(stack, optimizer):
@@ -175,7 +184,8 @@ def compiled_sizes(compiled) -> dict:
 
 
 def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: str,
-            unrolled: bool = False, hlo_dir: str | None = None) -> dict:
+            unrolled: bool = False, hlo_dir: str | None = None, scan_unroll: int = 1,
+            remat_layer: bool = False) -> dict:
   """Builds the stack, compiles the training step once, times it, returns one record.
 
   With `hlo_dir`, the compiled HLO (its schedule) is written there as SHAPE.PLACEMENT.hlo.
@@ -185,7 +195,8 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
   from jaxmoe import hlo_report
 
   names = PLACEMENTS[placement]
-  train_step, stack, optimizer = build_step(shape, names, backend, unrolled)
+  train_step, stack, optimizer = build_step(shape, names, backend, unrolled, scan_unroll,
+                                            remat_layer)
   # One compile: the executable that the HLO summary describes is the one timed.
   compiled = hlo_report.compile_step(train_step, stack, optimizer, donate_state=True)
   if hlo_dir:
@@ -198,6 +209,7 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
   stats = jax.devices()[0].memory_stats() or {}
   return {
       "shape": shape_name, "placement": placement, "unrolled": unrolled,
+      "scan_unroll": scan_unroll, "remat_layer": remat_layer,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "step_ms": 1e3 * statistics.median(times),
       "peak_bytes": stats.get("peak_bytes_in_use"),
@@ -247,6 +259,10 @@ def main() -> None:
   p.add_argument("--tokens", type=int, help="override the shapes' tokens per layer")
   p.add_argument("--unrolled", action="store_true",
                  help="layers in a Python loop instead of nnx.scan")
+  p.add_argument("--scan-unroll", type=int, default=1,
+                 help="layers per iteration of the scan's loop body")
+  p.add_argument("--remat-layer", action="store_true",
+                 help="checkpoint each whole block with the placement's policy")
   p.add_argument("--xla-flags", default="",
                  help="appended to XLA_FLAGS of each run (e.g. scheduler experiments)")
   p.add_argument("--hlo-dir", help="write each run's compiled HLO there")
@@ -261,7 +277,8 @@ def main() -> None:
     shape = dataclasses.replace(shape, **{k: v for k, v in (
         ("layers", args.layers), ("tokens", args.tokens)) if v})
     print(json.dumps(run_one(shape, shapes[0], placements[0], args.steps, args.backend,
-                             args.unrolled, args.hlo_dir)))
+                             args.unrolled, args.hlo_dir, args.scan_unroll,
+                             args.remat_layer)))
     return
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
@@ -272,6 +289,8 @@ def main() -> None:
              "--steps", str(args.steps), "--backend", args.backend]
       cmd += ["--small"] if args.small else []
       cmd += ["--unrolled"] if args.unrolled else []
+      cmd += [f"--scan-unroll={args.scan_unroll}"]
+      cmd += ["--remat-layer"] if args.remat_layer else []
       cmd += [f"--hlo-dir={args.hlo_dir}"] if args.hlo_dir else []
       cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("tokens", args.tokens)) if v]
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
