@@ -13,10 +13,14 @@ Design:
   * The main loop is a TMA + wgmma pipeline over K: `plgpu.emit_pipeline` in
     one warpgroup (`_gmm_kernel`), or warp-specialised with a TMA producer
     warpgroup and two consumer warpgroups (`_gmm_kernel_ws`,
-    config.num_compute_wgs=2, the default for large shapes).
+    config.num_compute_wgs=2, the default for large shapes). With
+    config.chain_items the warp-specialised kernel runs all of an SM's compute
+    items as one chain of pipelines (`pipeline_state`), so the producer loads
+    the next item's first tiles while the consumers store the current one.
   * `store_rows` writes only the item's rows of the tile, with a ladder of TMA
-    stores (see there), and leaves them in flight over the next item's main
-    loop. Padding items skip the main loop and store the zero accumulator, so
+    stores (see there), staged through shared memory in passes of
+    config.epilogue_rows rows, and leaves them in flight over the next item's
+    main loop. Padding items skip the main loop and store the zero accumulator, so
     every output row is written by the kernel and no wrapper pass over the
     output is needed.
   * The epilogue is an `Epilogue` object, so that a fused epilogue (a scale
@@ -227,9 +231,8 @@ class Epilogue:
 _NUM_META = len(dataclasses.fields(metadata_lib.GmmMetadata))
 
 
-def _split_refs(refs, epilogue: Epilogue, num_extra_inputs: int):
+def _split_refs(refs, num_extra_inputs: int):
   """(metadata refs, lhs, rhs, extra inputs..., outputs...) -> named groups."""
-  del epilogue
   meta = metadata_lib.GmmMetadata(*refs[:_NUM_META])
   lhs_gmem, rhs_gmem = refs[_NUM_META:_NUM_META + 2]
   rest = refs[_NUM_META + 2:]
@@ -273,7 +276,7 @@ def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
 
 def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
                 out_dtype):
-  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
+  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
   grid_n = n // cfg.block_n
 
   @functools.partial(
@@ -350,7 +353,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   item), then the consumers write the padding items [C, U) without the
   producer. Otherwise each item runs its own pipeline.
   """
-  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, epilogue, num_extra_inputs)
+  meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
   m, k = lhs_gmem.shape
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
   grid_n = n // cta_n

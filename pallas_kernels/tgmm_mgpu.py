@@ -4,7 +4,11 @@ A persistent Pallas Mosaic GPU kernel for Hopper. Work items are (group, k-tile,
 n-tile) triples; each runs a TMA + wgmma pipeline over the row blocks its group
 touches (`metadata.tgmm_metadata`, computed with XLA ops, so no loop over groups
 in the kernel) and writes one block_k x block_n tile of out[g]. An empty group
-runs no pipeline and writes the zero accumulator.
+runs no pipeline and writes the zero accumulator. Two kernels: one warpgroup
+with a pipeline per item (`_tgmm_kernel`), or, the default, warp-specialised
+(`_tgmm_kernel_ws`): a producer warpgroup streams the row blocks of all of an
+SM's items through one ring of buffers, so short items (small groups) do not
+each pay for filling a pipeline.
 
 Row blocks are block_m rows of lhs [M, K] and rhs [M, N]. A group's first and
 last block can hold rows of its neighbours (or padding rows past the sum, or
