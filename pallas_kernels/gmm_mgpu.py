@@ -115,12 +115,19 @@ def _smem_transforms(minor: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
+def _tile_rows(lhs_gmem, tile_row0, block_m: int):
+  """The item's block_m rows of lhs (all of lhs when it has fewer rows)."""
+  if lhs_gmem.shape[0] < block_m:
+    return lhs_gmem
+  # The tile may start at any multiple of 8 (see metadata.py).
+  return lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), block_m)]
+
+
 def _mainloop(acc_ref, lhs_gmem, rhs_gmem, where, *, cfg, transpose_rhs):
   """acc_ref += lhs[tile rows, :] @ rhs[:, n-tile] (rhs: one group's [K, N] or [N, K])."""
-  m, k = lhs_gmem.shape
-  tile_row0, n_tile = where["tile_row0"], where["n_tile"]
-  if m >= cfg.block_m:  # The tile may start at any row (see metadata.py).
-    lhs_gmem = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, 8), cfg.block_m)]
+  k = lhs_gmem.shape[1]
+  n_tile = where["n_tile"]
+  lhs_gmem = _tile_rows(lhs_gmem, where["tile_row0"], cfg.block_m)
 
   def step(_, lhs_smem, rhs_smem):
     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if transpose_rhs else rhs_smem)
@@ -354,7 +361,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   producer. Otherwise each item runs its own pipeline.
   """
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
-  m, k = lhs_gmem.shape
+  k = lhs_gmem.shape[1]
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
   grid_n = n // cta_n
   get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
@@ -396,9 +403,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
         plgpu.wgmma_wait(0)
         return acc_ref
 
-      lhs_rows = lhs_gmem
-      if m >= bm:
-        lhs_rows = lhs_gmem.at[pl.ds(pl.multiple_of(where["tile_row0"], 8), bm)]
+      lhs_rows = _tile_rows(lhs_gmem, where["tile_row0"], bm)
       cols = pl.ds(n_cta * cta_n, cta_n)
       rhs_g = rhs_gmem.at[meta.group_id[item]]
       rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]

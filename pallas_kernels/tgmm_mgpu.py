@@ -72,6 +72,23 @@ def _mask_rows(x_smem, first_row, row_start, row_end):
   x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
 
+def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, block_m):
+  """In a row block that straddles the group's bounds, zeroes the other rows of both
+  operands (both: 0 * NaN would leak a NaN from a padding row)."""
+  @pl.when((block_row0 < row_start) | (block_row0 + block_m > row_end))
+  def _():
+    _mask_rows(lhs_smem, block_row0, row_start, row_end)
+    _mask_rows(rhs_smem, block_row0, row_start, row_end)
+    plgpu.commit_smem()
+
+
+def _item_tiles(loop_info: plgpu.NDLoopInfo, grid_k: int, grid_n: int, cfg):
+  """(group, k-tile, n-tile) of an item of the (G, grid_k * grid_n) item loop."""
+  k_tile, n_tile = plgpu.planar_snake(
+      loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
+  return loop_info.index[0], k_tile, n_tile
+
+
 def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
                  lhs_gmem, rhs_gmem, out_gmem, *, cfg):
   num_groups = out_gmem.shape[0]
@@ -88,9 +105,7 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
   def _(o_smem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
     def _item_loop(loop_info: plgpu.NDLoopInfo):
-      g = loop_info.index[0]
-      k_tile, n_tile = plgpu.planar_snake(
-          loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
+      g, k_tile, n_tile = _item_tiles(loop_info, grid_k, grid_n, cfg)
       row_start, row_end = row_start_gmem[g], row_end_gmem[g]
       first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
 
@@ -98,14 +113,8 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
         def step(idx, lhs_smem, rhs_smem):
           (b,) = idx
 
-          block_row0 = (first_block + b) * cfg.block_m
-
-          @pl.when((block_row0 < row_start) | (block_row0 + cfg.block_m > row_end))
-          def _():
-            _mask_rows(lhs_smem, block_row0, row_start, row_end)
-            _mask_rows(rhs_smem, block_row0, row_start, row_end)
-            plgpu.commit_smem()
-
+          _mask_outside_group(lhs_smem, rhs_smem, (first_block + b) * cfg.block_m,
+                              row_start, row_end, cfg.block_m)
           plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
           if cfg.max_concurrent_steps == 1:
             # Without a second buffer the slot must be free before the next load.
@@ -158,9 +167,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm",
                    init_carry=jnp.int32(0))
     def _item_loop(loop_info: plgpu.NDLoopInfo, carry):
-      k_tile, n_tile = plgpu.planar_snake(
-          loop_info.index[1], (grid_k, grid_n), 1, cfg.grid_block_n)
-      return body(loop_info.index[0], k_tile, n_tile, carry)
+      return body(*_item_tiles(loop_info, grid_k, grid_n, cfg), carry)
     return _item_loop
 
   @functools.partial(
@@ -211,14 +218,8 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
           def step(b, t):
             slot = lax.rem(t, slots)
             plgpu.barrier_wait(produced.at[slot])
-            block_row0 = (first_block + b) * bm
-
-            @pl.when((block_row0 < row_start) | (block_row0 + bm > row_end))
-            def _():
-              _mask_rows(lhs_smem.at[slot], block_row0, row_start, row_end)
-              _mask_rows(rhs_smem.at[slot], block_row0, row_start, row_end)
-              plgpu.commit_smem()
-
+            _mask_outside_group(lhs_smem.at[slot], rhs_smem.at[slot],
+                                (first_block + b) * bm, row_start, row_end, bm)
             plgpu.wgmma(acc_ref, lhs_smem.at[slot].T, rhs_smem.at[slot])
             # One wgmma stays in flight: the previous one is done, free its slot.
             plgpu.wgmma_wait(1)
