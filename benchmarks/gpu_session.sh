@@ -19,16 +19,15 @@ for s in $sections; do case $s in
   demo)
     run demo_device 150 python -m jaxmoe.demo --preset gpu --steps 30 --offload-names none
     run demo_offload 150 python -m jaxmoe.demo --preset gpu --steps 30 --hlo-out "$out/demo_offload.hlo"
+    run demo_offload_nnx_scan 150 python -m jaxmoe.demo --preset gpu --steps 30 --nnx-scan
     run demo_moe_input 150 python -m jaxmoe.demo --preset gpu --steps 30 \
       --offload-names moe_input --recompute-names fc1_input ;;
   mlp) run grouped_mlp 240 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;
   gemm) run grouped_gemm 560 python benchmarks/grouped_gemm.py --sweep --out "$out/grouped_gemm.json" ;;
   offload)
-    # The full table (BENCHMARKS.md) is one run per shape, ~3 minutes each.
-    for shape in compute_bound link_bound; do
-      run "offload_$shape" 290 python benchmarks/offload.py --steps 5 --out "$out/offload_$shape.json" \
-        --shape "$shape" --placement device --placement offload_default --placement offload_fc1 \
-        --placement offload_unpermuted --placement offload_moe_input --placement recompute_all
-    done ;;
+    # nnx.scan against jaxmoe.layer_scan (BENCHMARKS.md), ~6 minutes.
+    run offload 420 python benchmarks/offload.py --steps 5 --both-scans --out "$out/offload.json" \
+      --shape compute_bound --shape link_bound --placement device --placement offload_default \
+      --placement offload_unpermuted ;;
   *) echo "unknown section $s" ;;
 esac; done

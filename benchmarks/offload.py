@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -66,10 +67,14 @@ PLACEMENTS = {
 }
 
 
-def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2) -> int:
-  """Bytes sent to host per step (and back) for the named residuals, from the shapes."""
+def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2,
+                            pipelined: bool = False) -> int:
+  """Bytes of the named residuals that are on host after the forward pass, from the
+  shapes: every layer's, or with the pipelined scan all but the last layer's (which
+  stays on device; that scan's first iteration also copies one layer of zeros)."""
   from jaxmoe import offload
-  return shape.layers * offload.offloaded_bytes(
+  layers = shape.layers - 1 if pipelined else shape.layers
+  return layers * offload.offloaded_bytes(
       offload_names, shape.hidden, shape.ffn, shape.top_k, shape.tokens, itemsize)
 
 
@@ -98,12 +103,13 @@ def measure_link_gb_s(nbytes: int = 512 * 2**20) -> tuple[float, float]:
 
 
 def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False,
-               scan_unroll: int = 1, remat_layer: bool = False):
+               scan_unroll: int = 1, remat_layer: bool = False, pipelined: bool = False):
   """An L-layer MoELayer stack and its training step (forward, backward, SGD update).
 
   `scan_unroll` layers go into one iteration of the scan's loop body (`nnx.scan(unroll=)`).
   `remat_layer` checkpoints each whole block with the placement's policy, so that only the
   named residuals (and the block's input) are saved: the norm and routing are recomputed.
+  `pipelined` runs the layers through `jaxmoe.layer_scan.scan_layers` instead of `nnx.scan`.
 
   Returns (train_step, stack, optimizer) for `hlo_report.compile_step`.
   """
@@ -112,6 +118,7 @@ def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False,
   import optax
   from flax import nnx
   import jaxmoe
+  from jaxmoe import layer_scan
   from jaxmoe.lm import stacked_layer
 
   @nnx.split_rngs(splits=shape.layers)
@@ -144,6 +151,8 @@ def build_step(shape: Shape, names: dict, backend: str, unrolled: bool = False,
         h, lb = layer_step(h, stacked_layer(stack, i))
         lbs.append(lb)
       y, lb = h, jnp.stack(lbs)
+    elif pipelined:
+      y, lb = layer_scan.scan_layers(layer_step, x, stack)
     else:
       y, lb = nnx.scan(layer_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                        unroll=scan_unroll)(x, stack)
@@ -185,7 +194,7 @@ def compiled_sizes(compiled) -> dict:
 
 def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: str,
             unrolled: bool = False, hlo_dir: str | None = None, scan_unroll: int = 1,
-            remat_layer: bool = False) -> dict:
+            remat_layer: bool = False, pipelined: bool = False) -> dict:
   """Builds the stack, compiles the training step once, times it, returns one record.
 
   With `hlo_dir`, the compiled HLO (its schedule) is written there as SHAPE.PLACEMENT.hlo.
@@ -196,12 +205,13 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
 
   names = PLACEMENTS[placement]
   train_step, stack, optimizer = build_step(shape, names, backend, unrolled, scan_unroll,
-                                            remat_layer)
+                                            remat_layer, pipelined)
   # One compile: the executable that the HLO summary describes is the one timed.
   compiled = hlo_report.compile_step(train_step, stack, optimizer, donate_state=True)
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
-    with open(os.path.join(hlo_dir, f"{shape_name}.{placement}.hlo"), "w") as f:
+    scan = ".pipelined" if pipelined else ""
+    with open(os.path.join(hlo_dir, f"{shape_name}.{placement}{scan}.hlo"), "w") as f:
       f.write(compiled.as_text())
   state = nnx.state((stack, optimizer))
   del stack, optimizer  # Their arrays are the state, donated to the first step.
@@ -210,10 +220,12 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
   return {
       "shape": shape_name, "placement": placement, "unrolled": unrolled,
       "scan_unroll": scan_unroll, "remat_layer": remat_layer,
+      "layer_scan": "offload_scan" if pipelined else ("python" if unrolled else "nnx.scan"),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "step_ms": 1e3 * statistics.median(times),
       "peak_bytes": stats.get("peak_bytes_in_use"),
-      "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"]),
+      "offloaded_bytes": predicted_offload_bytes(shape, names["offload_names"],
+                                                 pipelined=pipelined),
       "cover_flops_per_byte": cover_flops_per_byte(shape, names["offload_names"]),
       **compiled_sizes(compiled),
       "hlo_offload": hlo_report.offload_summary(compiled.as_text()), "losses": losses,
@@ -222,9 +234,15 @@ def run_one(shape: Shape, shape_name: str, placement: str, steps: int, backend: 
   }
 
 
+def device_step_ms(records: list[dict]) -> dict[str, float]:
+  """Per shape, the step time with everything on device in nnx.scan (where measured)."""
+  return {r["shape"]: r["step_ms"] for r in records
+          if r["placement"] == "device" and r.get("layer_scan", "nnx.scan") == "nnx.scan"}
+
+
 def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
   """bound_ms = max(compute, copy time); hidden share = 1 - overhead / copy time."""
-  device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
+  device_ms = device_step_ms(records)
   for r in records:
     copy_ms = 1e3 * (r["offloaded_bytes"] / (d2h_gb_s * 1e9) + r["offloaded_bytes"] / (h2d_gb_s * 1e9))
     compute_ms = device_ms.get(r["shape"], float("nan"))
@@ -235,14 +253,16 @@ def add_bounds(records: list[dict], d2h_gb_s: float, h2d_gb_s: float) -> None:
 
 
 def print_table(records: list[dict]) -> None:
-  print(f"{'shape':14} {'placement':19} {'step ms':>8} {'x device':>8} {'peak GiB':>8} "
-        f"{'offl GiB':>8} {'HLO host GiB':>12} {'bound ms':>8} {'hidden':>6} {'FLOP/B':>7}")
-  device_ms = {r["shape"]: r["step_ms"] for r in records if r["placement"] == "device"}
+  print(f"{'shape':14} {'placement':19} {'scan':12} {'step ms':>8} {'x device':>8} "
+        f"{'peak GiB':>8} {'offl GiB':>8} {'HLO host GiB':>12} {'bound ms':>8} {'hidden':>6} "
+        f"{'FLOP/B':>7}")
+  device_ms = device_step_ms(records)
   for r in records:
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
     hidden = "" if r.get("hidden_share") is None else f"{100 * r['hidden_share']:.0f}%"
     ratio = r["step_ms"] / device_ms[r["shape"]] if r["shape"] in device_ms else float("nan")
-    print(f"{r['shape']:14} {r['placement']:19} {r['step_ms']:8.1f} {ratio:8.2f} "
+    print(f"{r['shape']:14} {r['placement']:19} {r.get('layer_scan', ''):12} "
+          f"{r['step_ms']:8.1f} {ratio:8.2f} "
           f"{gib(r['peak_bytes']):>8} {gib(r['offloaded_bytes']):>8} "
           f"{gib(r['hlo_host_temp_bytes']):>12} {r.get('bound_ms', float('nan')):8.1f} {hidden:>6} "
           f"{'' if r.get('cover_flops_per_byte') is None else round(r['cover_flops_per_byte']):>7}")
@@ -261,6 +281,10 @@ def main() -> None:
                  help="layers in a Python loop instead of nnx.scan")
   p.add_argument("--scan-unroll", type=int, default=1,
                  help="layers per iteration of the scan's loop body")
+  p.add_argument("--pipelined", action="store_true",
+                 help="layers through jaxmoe.layer_scan (copies pipelined across layers)")
+  p.add_argument("--both-scans", action="store_true",
+                 help="each setting with nnx.scan and with jaxmoe.layer_scan")
   p.add_argument("--remat-layer", action="store_true",
                  help="checkpoint each whole block with the placement's policy")
   p.add_argument("--xla-flags", default="",
@@ -278,27 +302,29 @@ def main() -> None:
         ("layers", args.layers), ("tokens", args.tokens)) if v})
     print(json.dumps(run_one(shape, shapes[0], placements[0], args.steps, args.backend,
                              args.unrolled, args.hlo_dir, args.scan_unroll,
-                             args.remat_layer)))
+                             args.remat_layer, args.pipelined)))
     return
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
   records = []
-  for shape in shapes:
-    for placement in placements:
-      cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--placement", placement,
-             "--steps", str(args.steps), "--backend", args.backend]
-      cmd += ["--small"] if args.small else []
-      cmd += ["--unrolled"] if args.unrolled else []
-      cmd += [f"--scan-unroll={args.scan_unroll}"]
-      cmd += ["--remat-layer"] if args.remat_layer else []
-      cmd += [f"--hlo-dir={args.hlo_dir}"] if args.hlo_dir else []
-      cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("tokens", args.tokens)) if v]
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-      if proc.returncode != 0:
-        print(f"{shape}/{placement} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        continue
-      records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-      print(f"{shape}/{placement}: {records[-1]['step_ms']:.1f} ms", file=sys.stderr, flush=True)
+  scans = [False, True] if args.both_scans else [args.pipelined]
+  for shape, placement, pipelined in itertools.product(shapes, placements, scans):
+    cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--placement", placement,
+           "--steps", str(args.steps), "--backend", args.backend]
+    cmd += ["--small"] if args.small else []
+    cmd += ["--unrolled"] if args.unrolled else []
+    cmd += [f"--scan-unroll={args.scan_unroll}"]
+    cmd += ["--remat-layer"] if args.remat_layer else []
+    cmd += ["--pipelined"] if pipelined else []
+    cmd += [f"--hlo-dir={args.hlo_dir}"] if args.hlo_dir else []
+    cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("tokens", args.tokens)) if v]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+      print(f"{shape}/{placement} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+      continue
+    records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{shape}/{placement}/{records[-1]['layer_scan']}: "
+          f"{records[-1]['step_ms']:.1f} ms", file=sys.stderr, flush=True)
   import jax
   d2h, h2d = measure_link_gb_s() if jax.default_backend() == "gpu" else (52.0, 52.0)
   add_bounds(records, d2h, h2d)

@@ -3,7 +3,8 @@
     python -m jaxmoe.demo                      # CPU-sized, about a minute
     python -m jaxmoe.demo --preset gpu         # H100-sized
     python -m jaxmoe.demo --offload-names none # everything on device, to compare
-    python -m jaxmoe.demo --unrolled           # layers in a Python loop instead of nnx.scan
+    python -m jaxmoe.demo --unrolled           # layers in a Python loop instead of a scan
+    python -m jaxmoe.demo --nnx-scan           # nnx.scan instead of jaxmoe.layer_scan
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--unrolled", action="store_true",
                  help="run the layers in a Python loop instead of nnx.scan (faster without "
                       "offload; with it, XLA keeps the offloaded residuals on device too)")
+  p.add_argument("--nnx-scan", action="store_true",
+                 help="scan the layers with nnx.scan, which leaves the offload copies' "
+                      "timing to XLA, instead of jaxmoe.layer_scan's pipelined copies")
   p.add_argument("--profile", metavar="DIR",
                  help="trace steps 3 and 4 with jax.profiler into DIR and print the "
                       "busiest ops of each stream")
@@ -96,7 +100,8 @@ def train(args: argparse.Namespace) -> dict:
   cfg = LMConfig(vocab_size=corpus.VOCAB_SIZE, backend=args.backend,
                  offload_names=names(args.offload_names),
                  recompute_names=names(args.recompute_names), fused=not args.unfused,
-                 scan_layers=not args.unrolled, **preset)
+                 scan_layers=not args.unrolled, pipelined_offload=not args.nnx_scan,
+                 **preset)
   offload.offload_policy(cfg.offload_names, cfg.recompute_names)  # Fail fast.
   model = MoETransformerLM(cfg, rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(
@@ -115,8 +120,9 @@ def train(args: argparse.Namespace) -> dict:
         f"{param_count(model) / 1e6:.2f}M parameters; "
         f"{dataclasses.asdict(cfg)}", flush=True)
   if args.hlo_out:
-    text = hlo_report.compile_step(
-        train_step, model, optimizer, jnp.asarray(next(batches))).as_text()
+    example = next(corpus.ArithmeticBatches(batch_size, cfg.seq_len, seed=args.seed))
+    text = hlo_report.compile_step(  # A batch of its own: training sees the same data.
+        train_step, model, optimizer, jnp.asarray(example)).as_text()
     with open(args.hlo_out, "w") as f:
       f.write(text)
     print(f"compiled step HLO -> {args.hlo_out}: {hlo_report.offload_summary(text)}")

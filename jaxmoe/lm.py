@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoe import layer_scan
 from jaxmoe import offload
 from jaxmoe.modules import MoELayer
 
@@ -33,6 +34,11 @@ class LMConfig:
   # so offload saves little there. Without offload the loop is faster and leaner
   # (BENCHMARKS.md "Demo").
   scan_layers: bool = True
+  # When scanning with residuals offloaded: `jaxmoe.layer_scan.scan_layers` (True),
+  # which copies each layer's offloaded residuals to host under the next layer and
+  # back under the previous one, or nnx.scan (False), where each copy has to hide in
+  # its own layer. Same results; BENCHMARKS.md "Pipelined layer scan".
+  pipelined_offload: bool = True
 
 
 class Block(nnx.Module):
@@ -78,7 +84,9 @@ class MoETransformerLM(nnx.Module):
       x, aux = block(x, mask)
       return x, (aux["load_balancing_loss"], aux["router_z_loss"])
 
-    if self.cfg.scan_layers:
+    if self.cfg.scan_layers and self.cfg.pipelined_offload and self.cfg.offload_names:
+      x, (lb_losses, z_losses) = layer_scan.scan_layers(block_step, x, self.blocks)
+    elif self.cfg.scan_layers:
       x, (lb_losses, z_losses) = nnx.scan(
           block_step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)
     else:

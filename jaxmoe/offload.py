@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 
 import jax
 
@@ -55,12 +57,34 @@ def offload_policy(offload_names: str | Iterable[str] = DEFAULT_OFFLOAD_NAMES,
         f"Residual names {both} are both offloaded and recomputed; give each of "
         f"{PLACEABLE_NAMES} at most one placement.")
   kept = [n for n in PLACEABLE_NAMES if n not in offload and n not in recompute]
+  deferred = _DEFERRED_OFFLOADS.get()
+  if deferred is not None:  # jaxmoe.layer_scan moves them; the layer keeps them.
+    deferred.update(offload)
+    kept, offload = kept + list(offload), ()
   return jax.checkpoint_policies.save_and_offload_only_these_names(
       names_which_can_be_saved=kept,
       names_which_can_be_offloaded=list(offload),
       offload_src="device",
       offload_dst="pinned_host",
   )
+
+
+# Set while `jaxmoe.layer_scan` traces a layer: the names the layer would offload.
+_DEFERRED_OFFLOADS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "jaxmoe_deferred_offloads", default=None)
+
+
+@contextlib.contextmanager
+def deferred_offloads() -> Iterator[set[str]]:
+  """Within this context `offload_policy` keeps the names it would offload on device
+  and adds them to the set it yields, so that a layer scan can copy them to host
+  itself, on its own schedule (`jaxmoe.layer_scan.offload_scan`)."""
+  names: set[str] = set()
+  token = _DEFERRED_OFFLOADS.set(names)
+  try:
+    yield names
+  finally:
+    _DEFERRED_OFFLOADS.reset(token)
 
 
 def offloaded_bytes(offload_names: str | Iterable[str], hidden_size: int, ffn_size: int,

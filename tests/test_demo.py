@@ -40,7 +40,7 @@ def test_offload_summary_counts_host_moves():
 
 
 @pytest.mark.parametrize("offload_names", [(), ("fc1_input", "activation_input")])
-def test_lm_layers_in_scan_match_the_python_loop(offload_names):
+def test_lm_layer_scans_match_the_python_loop(offload_names):
   import jax
   import numpy as np
   from flax import nnx
@@ -48,16 +48,20 @@ def test_lm_layers_in_scan_match_the_python_loop(offload_names):
 
   batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 11)
   results = []
-  for scan_layers in (True, False):
+  for scan_layers, pipelined in ((False, False), (True, False), (True, True)):
     cfg = lm.LMConfig(vocab_size=11, seq_len=16, num_layers=3, backend="xla",
                       dtype="float32", offload_names=offload_names,
-                      scan_layers=scan_layers)
+                      scan_layers=scan_layers, pipelined_offload=pipelined)
     model = lm.MoETransformerLM(cfg, rngs=nnx.Rngs(0))
     loss_fn = lambda m: lm.next_token_loss(m, batch)[0]  # noqa: E731
     loss, grads = jax.jit(lambda s: jax.value_and_grad(
         lambda s: loss_fn(nnx.merge(nnx.graphdef(model), s)))(s))(nnx.state(model))
-    results.append((loss, grads))
-  (loss_scan, grads_scan), (loss_loop, grads_loop) = results
-  np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
-  for g_scan, g_loop in zip(jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop)):
+    results.append((loss, jax.tree.leaves(grads)))
+  (loss_loop, grads_loop), (loss_nnx, grads_nnx), (loss_pipe, grads_pipe) = results
+  np.testing.assert_allclose(loss_nnx, loss_loop, rtol=1e-5)
+  for g_scan, g_loop in zip(grads_nnx, grads_loop):
     np.testing.assert_allclose(g_scan, g_loop, rtol=1e-4, atol=1e-6)
+  # The two scans run the same layer program: bitwise equal.
+  np.testing.assert_array_equal(loss_pipe, loss_nnx)
+  for g_pipe, g_nnx in zip(grads_pipe, grads_nnx):
+    np.testing.assert_array_equal(g_pipe, g_nnx)

@@ -1,0 +1,249 @@
+"""A layer scan whose offloaded residuals reach host one layer late and return one layer early.
+
+Under `jax.lax.scan` with `offload_policy`, XLA has to finish each residual's copy to
+host inside the loop iteration of the layer that made it, so a copy can only hide
+under the rest of its own layer (FC2 alone for `activation_input`), and in backward
+each copy back starts just before its first use. `offload_scan` software-pipelines
+the copies across layers instead:
+
+    forward, iteration i:   copy layer i-1's residuals to host  |  layer i's forward
+    backward, iteration i:  copy layer i-1's residuals to device |  layer i's backward
+
+Each copy hides under a whole layer, at the cost of a second layer's offloaded
+residuals on device while it is in flight. A layer's moved residuals travel as one
+flat buffer (`_Packing`). The last layer's residuals never leave the device: its
+backward runs first.
+
+The layers decide which residuals are offloaded (their `offload_names`); the scan
+only decides when they move. The values are those of `jax.lax.scan` (bitwise, on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe import offload
+
+_KEPT = "kept"    # a residual stacked on device, as lax.scan does
+_MOVED = "moved"  # an offloaded residual: to host one layer late, back one layer early
+# Unary ops between a `checkpoint_name` and the residual it tags (JAX passes custom_vjp
+# residuals through a reduce_precision to their own precision).
+_VALUE_PRESERVING = ("reduce_precision", "copy", "copy_p")
+
+
+def offload_scan(layer_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]],
+                 carry: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
+  """`jax.lax.scan(lambda c, x: layer_fn(x, c), carry, xs)`, differentiable in the
+  float leaves of `xs` and in `carry`, with pipelined copies of offloaded residuals.
+
+  Args:
+    layer_fn: (x_i, carry) -> (carry, out_i), one layer. Residuals that it tags with
+      a name its `offload_policy` offloads are moved by this scan. It must not close
+      over values being differentiated (pass them in `xs` or `carry`).
+    carry: the layer input, a float array (e.g. the residual stream [T, H]).
+    xs: a pytree with a leading [L] axis on every leaf (a layer's parameters);
+      non-float leaves are not differentiated.
+
+  Returns:
+    (carry after L layers, outs stacked along a leading [L] axis); outs must be float.
+
+  Raises:
+    ValueError: xs has no leaves or leaves with different leading sizes, or carry or
+      an out is not a float array.
+  """
+  leaves = jax.tree.leaves(xs)
+  lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+  if len(lengths) != 1 or None in lengths:
+    raise ValueError(
+        "Expected xs with a leading layer axis of one size on every leaf, got leaf "
+        f"shapes {[tuple(leaf.shape) for leaf in leaves]}.")
+  _check_float("carry", carry)
+  diff, nondiff = _partition(leaves, [_is_float(leaf) for leaf in leaves])
+  treedef = jax.tree.structure(xs)
+
+  def layer(diff, carry, nondiff):
+    return layer_fn(jax.tree.unflatten(treedef, _interleave(leaves, diff, nondiff)), carry)
+
+  return _pipelined_scan(layer)(diff, carry, nondiff)
+
+
+def scan_layers(step: Callable[[jax.Array, nnx.Module], tuple[jax.Array, Any]],
+                carry: jax.Array, layers: nnx.Module) -> tuple[jax.Array, Any]:
+  """`nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(carry, layers)`
+  through `offload_scan`.
+
+  Args:
+    step: (carry, layer) -> (carry, out) for one layer module; it must not change the
+      layer's state.
+    carry: a float array.
+    layers: modules made with `nnx.vmap` (a leading [L] axis on every array).
+  """
+  graphdef, state = nnx.split(layers)
+  return offload_scan(lambda s, c: step(c, nnx.merge(graphdef, s)), carry, state)
+
+
+def _pipelined_scan(layer):
+  """The custom_vjp scan of layer(diff_i, carry, nondiff_i) -> (carry, out_i)."""
+  residuals = {}  # The layer's residual layout, found while tracing the forward pass.
+
+  @jax.custom_vjp
+  def scan(diff, carry, nondiff):
+    return jax.lax.scan(lambda c, x: layer(*x[:1], c, *x[1:]), carry, (diff, nondiff))
+
+  def forward(diff, carry, nondiff):
+    one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                             (diff, nondiff))
+    with offload.deferred_offloads() as names:
+      kinds, moved_avals = _residual_kinds(layer, one_layer, carry, names)
+      residuals["kinds"] = kinds
+      residuals["packing"] = packing = _Packing(moved_avals)
+      stacked = [k for k in kinds if not isinstance(k, int)]
+
+      def body(state, x):
+        carry, previous = state
+        d, nd = x
+        on_host = _to(jax.memory.Space.Host, previous)
+        (carry, out), vjp_fn = jax.vjp(lambda d, c: layer(d, c, nd), d, carry)
+        for leaf in jax.tree.leaves(out):
+          _check_float("every out of layer_fn", leaf)
+        leaves, residuals["treedef"] = jax.tree.flatten(vjp_fn)
+        moved, kept = _partition(
+            [r for r, k in zip(leaves, kinds) if not isinstance(k, int)],
+            [k == _MOVED for k in stacked])
+        return (carry, packing.pack(moved)), (out, on_host, kept)
+
+      # Iteration i copies layer i-1's residuals: iteration 0 copies zeros, and the
+      # last layer's stay on device.
+      first = packing.pack([jnp.zeros(a.shape, a.dtype) for a in moved_avals])
+      (carry, last), (outs, on_host, kept) = jax.lax.scan(
+          body, (carry, first), (diff, nondiff))
+    return (carry, outs), (diff, nondiff, on_host, kept, last)
+
+  def backward(res, cotangents):
+    diff, nondiff, on_host, kept, last = res
+    d_carry, d_outs = cotangents
+
+    def body(state, x):
+      d_carry, moved = state
+      d, nd, previous_on_host, kept, d_out = x
+      previous = _to(jax.memory.Space.Device, previous_on_host)
+      vjp_fn = jax.tree.unflatten(
+          residuals["treedef"],
+          _assemble(residuals["kinds"], residuals["packing"].unpack(moved), kept, d))
+      d_d, d_carry = vjp_fn((d_carry, d_out))
+      return (d_carry, previous), d_d
+
+    (d_carry, _), d_diff = jax.lax.scan(
+        body, (d_carry, last), (diff, nondiff, on_host, kept, d_outs), reverse=True)
+    return d_diff, d_carry, None
+
+  scan.defvjp(forward, backward)
+  return scan
+
+
+class _Packing:
+  """The moved residuals as one flat buffer per dtype.
+
+  Packed, a layer's copy to host is one transfer that starts with the loop iteration
+  and the next layer's residuals are written into the carried buffer at its end.
+  Carried separately, XLA finished the copy of fc1_input before the gather that
+  writes its successor, and the two copies ran one after the other: 1.11x the step
+  time at the compute-bound shape of benchmarks/offload.py (BENCHMARKS.md).
+  """
+
+  def __init__(self, avals):
+    self.avals = avals
+    self.dtypes = sorted({jnp.dtype(a.dtype) for a in avals}, key=str)
+
+  def pack(self, arrays):
+    return [jnp.concatenate([a.reshape(-1) for a in arrays if a.dtype == dtype])
+            for dtype in self.dtypes]
+
+  def unpack(self, flats):
+    """The residuals, sliced out of one layer's flat buffers."""
+    return [flats[t][start:start + size].reshape(aval.shape)
+            for t, start, size, aval in self._pieces()]
+
+  def _pieces(self):
+    """(flat buffer index, offset, size, aval) of each residual."""
+    offsets = [0] * len(self.dtypes)
+    for aval in self.avals:
+      t = self.dtypes.index(jnp.dtype(aval.dtype))
+      size = int(np.prod(aval.shape))
+      yield t, offsets[t], size, aval
+      offsets[t] += size
+
+
+def _residual_kinds(layer, one_layer, carry, names):
+  """Classifies each leaf of one layer's `jax.vjp` function: the index of the float
+  input it forwards (not stacked: sliced from xs again in backward), _MOVED (tagged
+  with a name in `names`, which tracing fills) or _KEPT. Also returns the moved avals.
+
+  The leaves are matched to names the way `jax.ad_checkpoint.print_saved_residuals`
+  does: through the equations of the traced forward pass.
+  """
+  (diff, nondiff) = one_layer
+
+  def vjp_leaves(d, c, nd):
+    return jax.tree.leaves(jax.vjp(lambda d, c: layer(d, c, nd), d, c)[1])
+
+  closed = jax.make_jaxpr(vjp_leaves)(diff, carry, nondiff)
+  jaxpr = closed.jaxpr
+  diff_inputs = {v: i for i, v in enumerate(jaxpr.invars[:len(jax.tree.leaves(diff))])}
+  tagged = {}  # var -> residual name, through ops that keep the value
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "name":
+      tagged[eqn.outvars[0]] = eqn.params["name"]
+    elif (eqn.primitive.name in _VALUE_PRESERVING and
+          not isinstance(eqn.invars[0], jax.extend.core.Literal) and eqn.invars[0] in tagged):
+      tagged[eqn.outvars[0]] = tagged[eqn.invars[0]]
+  kinds, moved_avals = [], []
+  for v, aval in zip(jaxpr.outvars, closed.out_avals):
+    if isinstance(v, jax.extend.core.Literal):
+      kinds.append(_KEPT)
+    elif v in diff_inputs:
+      kinds.append(diff_inputs[v])
+    elif tagged.get(v) in names:
+      kinds.append(_MOVED)
+      moved_avals.append(aval)
+    else:
+      kinds.append(_KEPT)
+  return kinds, moved_avals
+
+
+def _to(space, arrays):
+  return [jax.device_put(a, space) for a in arrays]
+
+
+def _assemble(kinds, moved, kept, diff):
+  """The vjp function's leaves, in order, from the moved, kept and input leaves."""
+  moved, kept = iter(moved), iter(kept)
+  return [diff[k] if isinstance(k, int) else next(moved if k == _MOVED else kept)
+          for k in kinds]
+
+
+def _partition(leaves, mask):
+  """(leaves where mask, leaves where not mask)."""
+  return ([leaf for leaf, m in zip(leaves, mask) if m],
+          [leaf for leaf, m in zip(leaves, mask) if not m])
+
+
+def _interleave(leaves, diff, nondiff):
+  """Inverse of `_partition(leaves, float mask)`."""
+  diff, nondiff = iter(diff), iter(nondiff)
+  return [next(diff if _is_float(leaf) else nondiff) for leaf in leaves]
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _check_float(what: str, x) -> None:
+  if not _is_float(x):
+    raise ValueError(f"Expected {what} to be a float array, got {x.dtype}.")
