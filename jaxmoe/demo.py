@@ -100,7 +100,8 @@ def train(args: argparse.Namespace) -> dict:
   cfg = LMConfig(vocab_size=corpus.VOCAB_SIZE, backend=args.backend,
                  offload_names=names(args.offload_names),
                  recompute_names=names(args.recompute_names), fused=not args.unfused,
-                 scan_layers=not args.unrolled, pipelined_offload=not args.nnx_scan,
+                 scan_layers=not args.unrolled,
+                 pipelined_offload=False if args.nnx_scan else None,
                  **preset)
   offload.offload_policy(cfg.offload_names, cfg.recompute_names)  # Fail fast.
   model = MoETransformerLM(cfg, rngs=nnx.Rngs(args.seed))

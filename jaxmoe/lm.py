@@ -37,8 +37,21 @@ class LMConfig:
   # When scanning with residuals offloaded: `jaxmoe.layer_scan.scan_layers` (True),
   # which copies each layer's offloaded residuals to host under the next layer and
   # back under the previous one, or nnx.scan (False), where each copy has to hide in
-  # its own layer. Same results; BENCHMARKS.md "Pipelined layer scan".
-  pipelined_offload: bool = True
+  # its own layer; None picks by `uses_layer_scan`. Same results either way.
+  pipelined_offload: bool | None = None
+
+  def uses_layer_scan(self) -> bool:
+    """Whether the layers run through `jaxmoe.layer_scan`: scanned with something
+    offloaded, and `pipelined_offload` True, or None and the copies would not hide
+    inside their own layer (`offload.copies_hide`). On the H100 that choice was the
+    faster one at all four shapes and placements measured (BENCHMARKS.md "Pipelined
+    layer scan")."""
+    if not (self.scan_layers and self.offload_names):
+      return False
+    if self.pipelined_offload is not None:
+      return self.pipelined_offload
+    return not offload.copies_hide(self.offload_names, self.model_dim, self.ffn_size,
+                                   self.top_k)
 
 
 class Block(nnx.Module):
@@ -84,7 +97,7 @@ class MoETransformerLM(nnx.Module):
       x, aux = block(x, mask)
       return x, (aux["load_balancing_loss"], aux["router_z_loss"])
 
-    if self.cfg.scan_layers and self.cfg.pipelined_offload and self.cfg.offload_names:
+    if self.cfg.uses_layer_scan():
       x, (lb_losses, z_losses) = layer_scan.scan_layers(block_step, x, self.blocks)
     elif self.cfg.scan_layers:
       x, (lb_losses, z_losses) = nnx.scan(

@@ -65,3 +65,18 @@ def test_lm_layer_scans_match_the_python_loop(offload_names):
   np.testing.assert_array_equal(loss_pipe, loss_nnx)
   for g_pipe, g_nnx in zip(grads_pipe, grads_nnx):
     np.testing.assert_array_equal(g_pipe, g_nnx)
+
+
+def test_lm_picks_the_layer_scan_by_the_covering_rule():
+  from jaxmoe import lm
+  cfg = lambda **kw: lm.LMConfig(vocab_size=11, seq_len=16, model_dim=1024,  # noqa: E731
+                                 ffn_size=4096, top_k=2, **kw)
+  # Default placement: 2*(1024*4096*3) / (2*(1024+4096)) ~ 2,458 FLOPs per byte, below
+  # the ~11,500 at which copies hide in their own layer.
+  assert cfg().uses_layer_scan()
+  # moe_input: 2*top_k*F = 16,384 FLOPs per byte, the copy hides inside the layer.
+  assert not cfg(offload_names=("moe_input",), recompute_names=("fc1_input",)).uses_layer_scan()
+  assert cfg(offload_names=("moe_input",), pipelined_offload=True).uses_layer_scan()
+  assert not cfg(pipelined_offload=False).uses_layer_scan()
+  assert not cfg(offload_names=()).uses_layer_scan()
+  assert not cfg(scan_layers=False).uses_layer_scan()
