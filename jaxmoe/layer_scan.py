@@ -34,7 +34,7 @@ _KEPT = "kept"    # a residual stacked on device, as lax.scan does
 _MOVED = "moved"  # an offloaded residual: to host one layer late, back one layer early
 # Unary ops between a `checkpoint_name` and the residual it tags (JAX passes custom_vjp
 # residuals through a reduce_precision to their own precision).
-_VALUE_PRESERVING = ("reduce_precision", "copy", "copy_p")
+_VALUE_PRESERVING = ("reduce_precision", "copy")
 
 
 def offload_scan(layer_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]],
@@ -103,7 +103,6 @@ def _pipelined_scan(layer):
       kinds, moved_avals = _residual_kinds(layer, one_layer, carry, names)
       residuals["kinds"] = kinds
       residuals["packing"] = packing = _Packing(moved_avals)
-      stacked = [k for k in kinds if not isinstance(k, int)]
 
       def body(state, x):
         carry, previous = state
@@ -113,9 +112,8 @@ def _pipelined_scan(layer):
         for leaf in jax.tree.leaves(out):
           _check_float("every out of layer_fn", leaf)
         leaves, residuals["treedef"] = jax.tree.flatten(vjp_fn)
-        moved, kept = _partition(
-            [r for r, k in zip(leaves, kinds) if not isinstance(k, int)],
-            [k == _MOVED for k in stacked])
+        moved = [r for r, k in zip(leaves, kinds) if k == _MOVED]
+        kept = [r for r, k in zip(leaves, kinds) if k == _KEPT]
         return (carry, packing.pack(moved)), (out, on_host, kept)
 
       # Iteration i copies layer i-1's residuals: iteration 0 copies zeros, and the

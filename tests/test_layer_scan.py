@@ -27,13 +27,17 @@ def _block(h, layer):
   return h + y.astype(h.dtype), aux["load_balancing_loss"]
 
 
+def _stack_loss(stack, x, pipelined):
+  """A nonlinear loss of the stack's output and its per-layer aux losses."""
+  if pipelined:
+    y, lb = layer_scan.scan_layers(_block, x, stack)
+  else:
+    y, lb = nnx.scan(_block, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
+  return jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(lb * jnp.arange(1, lb.size + 1))
+
+
 def _loss_and_grads(stack, x, pipelined):
-  def loss(stack, x):
-    if pipelined:
-      y, lb = layer_scan.scan_layers(_block, x, stack)
-    else:
-      y, lb = nnx.scan(_block, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
-    return jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(lb * jnp.arange(1, lb.size + 1))
+  loss = lambda stack, x: _stack_loss(stack, x, pipelined)  # noqa: E731
   return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(stack, x)
 
 
@@ -96,12 +100,7 @@ def _host_placements(offload_names, pipelined, num_layers=2):
   x = jax.random.normal(jax.random.key(0), (256, hidden), jnp.bfloat16)
 
   def loss(state, x):
-    stack = nnx.merge(graphdef, state)
-    if pipelined:
-      y, lb = layer_scan.scan_layers(_block, x, stack)
-    else:
-      y, lb = nnx.scan(_block, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
-    return jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(lb)
+    return _stack_loss(nnx.merge(graphdef, state), x, pipelined)
 
   with as_if_on_h100():
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(state, x).lower(
@@ -154,8 +153,7 @@ def test_gpu_stack_matches_nnx_scan_and_offloads():
   graphdef, state = nnx.split(stack)
 
   def loss(state):
-    y, lb = layer_scan.scan_layers(_block, x, nnx.merge(graphdef, state))
-    return jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(lb)
+    return _stack_loss(nnx.merge(graphdef, state), x, pipelined=True)
 
   summary = hlo_report.offload_summary(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
   # One flat buffer a layer, to host and back.
