@@ -6,13 +6,13 @@ under the rest of its own layer (FC2 alone for `activation_input`), and in backw
 each copy back starts just before its first use. `offload_scan` software-pipelines
 the copies across layers instead:
 
-    forward, iteration i:   copy layer i-1's residuals to host  |  layer i's forward
-    backward, iteration i:  copy layer i-1's residuals to device |  layer i's backward
+    forward, layer i:   copy layer i-1's residuals to host  |  layer i's forward
+    backward, layer i:  copy layer i-1's residuals to device |  layer i's backward
 
 Each copy hides under a whole layer, at the cost of a second layer's offloaded
 residuals on device while it is in flight. A layer's moved residuals travel as one
 flat buffer (`_Packing`). The last layer's residuals never leave the device: its
-backward runs first.
+backward runs first. Layer 0 runs outside the loops (it has no predecessor to copy).
 
 The layers decide which residuals are offloaded (their `offload_names`); the scan
 only decides when they move. The values are those of `jax.lax.scan` (bitwise, on CPU).
@@ -89,60 +89,97 @@ def scan_layers(step: Callable[[jax.Array, nnx.Module], tuple[jax.Array, Any]],
 
 
 def _pipelined_scan(layer):
-  """The custom_vjp scan of layer(diff_i, carry, nondiff_i) -> (carry, out_i)."""
+  """The custom_vjp scan of layer(diff_i, carry, nondiff_i) -> (carry, out_i).
+
+  Layer 0 runs outside the loops, so that no iteration copies a layer that does not
+  exist: the forward loop runs layers 1..L-1 and copies layers 0..L-2; the backward
+  loop runs layers L-1..1 and copies back layers L-2..0.
+  """
   residuals = {}  # The layer's residual layout, found while tracing the forward pass.
 
   @jax.custom_vjp
   def scan(diff, carry, nondiff):
     return jax.lax.scan(lambda c, x: layer(*x[:1], c, *x[1:]), carry, (diff, nondiff))
 
+  def layer_forward(i, diff, nondiff, carry):
+    """Layer i: (carry, out, its moved residuals packed, its kept residuals)."""
+    d, nd = _layer(diff, i), _layer(nondiff, i)
+    (carry, out), vjp_fn = jax.vjp(lambda d, c: layer(d, c, nd), d, carry)
+    for leaf in jax.tree.leaves(out):
+      _check_float("every out of layer_fn", leaf)
+    leaves, residuals["treedef"] = jax.tree.flatten(vjp_fn)
+    kinds = residuals["kinds"]
+    moved = [r for r, k in zip(leaves, kinds) if k == _MOVED]
+    kept = [r for r, k in zip(leaves, kinds) if k == _KEPT]
+    return carry, out, residuals["packing"].pack(moved), kept
+
+  def layer_backward(i, diff, nondiff, moved, kept, d_carry, d_out):
+    """Layer i's cotangents (of its diff slice, of its input carry)."""
+    d = _layer(diff, i)
+    vjp_fn = jax.tree.unflatten(
+        residuals["treedef"],
+        _assemble(residuals["kinds"], residuals["packing"].unpack(moved), kept, d))
+    return vjp_fn((d_carry, d_out))
+
   def forward(diff, carry, nondiff):
+    num_layers = jax.tree.leaves((diff, nondiff))[0].shape[0]
     one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
                              (diff, nondiff))
     with offload.deferred_offloads() as names:
       kinds, moved_avals = _residual_kinds(layer, one_layer, carry, names)
       residuals["kinds"] = kinds
-      residuals["packing"] = packing = _Packing(moved_avals)
+      residuals["packing"] = _Packing(moved_avals)
+      carry, out0, moved0, kept0 = layer_forward(0, diff, nondiff, carry)
 
-      def body(state, x):
+      def body(state, i):
         carry, previous = state
-        d, nd = x
         on_host = _to(jax.memory.Space.Host, previous)
-        (carry, out), vjp_fn = jax.vjp(lambda d, c: layer(d, c, nd), d, carry)
-        for leaf in jax.tree.leaves(out):
-          _check_float("every out of layer_fn", leaf)
-        leaves, residuals["treedef"] = jax.tree.flatten(vjp_fn)
-        moved = [r for r, k in zip(leaves, kinds) if k == _MOVED]
-        kept = [r for r, k in zip(leaves, kinds) if k == _KEPT]
-        return (carry, packing.pack(moved)), (out, on_host, kept)
+        carry, out, moved, kept = layer_forward(i, diff, nondiff, carry)
+        return (carry, moved), (out, on_host, kept)
 
-      # Iteration i copies layer i-1's residuals: iteration 0 copies zeros, and the
-      # last layer's stay on device.
-      first = packing.pack([jnp.zeros(a.shape, a.dtype) for a in moved_avals])
+      # The last layer's residuals stay on device: its backward runs first.
       (carry, last), (outs, on_host, kept) = jax.lax.scan(
-          body, (carry, first), (diff, nondiff))
-    return (carry, outs), (diff, nondiff, on_host, kept, last)
+          body, (carry, moved0), jnp.arange(1, num_layers))
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, outs)
+    return (carry, outs), (diff, nondiff, on_host, kept0, kept, last)
 
   def backward(res, cotangents):
-    diff, nondiff, on_host, kept, last = res
+    diff, nondiff, on_host, kept0, kept, last = res
     d_carry, d_outs = cotangents
+    num_layers = jax.tree.leaves((diff, nondiff))[0].shape[0]
 
+    # The gradients are written in place into one [L, ...] buffer per leaf (stacking
+    # the loop's and layer 0's would copy them all once more).
     def body(state, x):
-      d_carry, moved = state
-      d, nd, previous_on_host, kept, d_out = x
+      d_carry, moved, d_diff = state
+      i, previous_on_host, kept, d_out = x
       previous = _to(jax.memory.Space.Device, previous_on_host)
-      vjp_fn = jax.tree.unflatten(
-          residuals["treedef"],
-          _assemble(residuals["kinds"], residuals["packing"].unpack(moved), kept, d))
-      d_d, d_carry = vjp_fn((d_carry, d_out))
-      return (d_carry, previous), d_d
+      d_d, d_carry = layer_backward(i, diff, nondiff, moved, kept, d_carry, d_out)
+      return (d_carry, previous, _write_layer(d_diff, d_d, i)), None
 
-    (d_carry, _), d_diff = jax.lax.scan(
-        body, (d_carry, last), (diff, nondiff, on_host, kept, d_outs), reverse=True)
-    return d_diff, d_carry, None
+    d_outs_rest = jax.tree.map(lambda a: a[1:], d_outs)
+    (d_carry, moved0, d_diff), _ = jax.lax.scan(
+        body, (d_carry, last, jax.tree.map(jnp.zeros_like, diff)),
+        (jnp.arange(1, num_layers), on_host, kept, d_outs_rest), reverse=True)
+    d_d0, d_carry = layer_backward(0, diff, nondiff, moved0, kept0, d_carry,
+                                   jax.tree.map(lambda a: a[0], d_outs))
+    return _write_layer(d_diff, d_d0, 0), d_carry, None
 
   scan.defvjp(forward, backward)
   return scan
+
+
+def _layer(stacked, i):
+  """Layer i's slice of every leaf of a stacked pytree."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                      stacked)
+
+
+def _write_layer(stacked, layer, i):
+  """`stacked` with layer i's slice of every leaf replaced by `layer`'s."""
+  return jax.tree.map(
+      lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i, 0),
+      stacked, layer)
 
 
 class _Packing:
