@@ -71,7 +71,7 @@ def predicted_offload_bytes(shape: Shape, offload_names, itemsize: int = 2,
                             pipelined: bool = False) -> int:
   """Bytes of the named residuals that are on host after the forward pass, from the
   shapes: every layer's, or with the pipelined scan all but the last layer's (which
-  stays on device; that scan's first iteration also copies one layer of zeros)."""
+  stays on device)."""
   from jaxmoe import offload
   layers = shape.layers - 1 if pipelined else shape.layers
   return layers * offload.offloaded_bytes(

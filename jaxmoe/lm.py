@@ -44,8 +44,8 @@ class LMConfig:
     """Whether the layers run through `jaxmoe.layer_scan`: scanned with something
     offloaded, and `pipelined_offload` True, or None and the copies would not hide
     inside their own layer (`offload.copies_hide`). On the H100 that choice was the
-    faster one at all four shapes and placements measured (BENCHMARKS.md "Pipelined
-    layer scan")."""
+    faster one, or within 1 %, at all four shapes and placements measured
+    (BENCHMARKS.md "Pipelined layer scan")."""
     if not (self.scan_layers and self.offload_names):
       return False
     if self.pipelined_offload is not None:
