@@ -9,8 +9,12 @@ Passes: fwd (gmm), dgrad (gmm(dy, w, transpose_rhs=True)), wgrad (tgmm(x, dy)),
 fwd+bwd (the three back to back in one jit; for the anchors `jax.vjp` with a
 random cotangent). TFLOP/s count 2*M*K*N per pass (3x for fwd+bwd).
 
-Timing: each function is jitted; after a warm-up, 30 calls are dispatched back to
-back and the host waits once (dispatch overlaps the GPU); median of 5 such runs.
+Timing: each function is jitted; after a warm-up, 40 calls are dispatched back to
+back and the host waits once (dispatch overlaps the GPU), median of 3 such
+runs; all functions of a shape are timed in turn, in 5 interleaved rounds
+(`timing.interleaved_ms`), and each gets its median over the rounds, so that the
+GPU's clock and power state drift alike for all of them. Config sweeps (ours with
+--sweep, ragged_dot_mgpu always) pick a config first, timed one after another.
 Inputs are random normal bf16 (never zeros), group sizes random (shapes.py).
 
     PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--sweep] [--no-torch]
@@ -34,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES, flops, random_group_sizes  # noqa: E402
-from timing import time_ms  # noqa: E402
+from timing import interleaved_ms, time_ms  # noqa: E402
 
 from pallas_kernels import config as config_lib  # noqa: E402
 from pallas_kernels.gmm_mgpu import gmm_mgpu  # noqa: E402
@@ -91,9 +95,9 @@ def _best_config(configs, fn, args, m, k, n, log):
   return best[1] if best else None
 
 
-def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
-  """Our kernels: fwd and wgrad (best of the sweeps if asked), dgrad, fwd+bwd."""
-  records, fwd_cfg, wgrad_cfg = [], None, None
+def jaxmoe_entries(x, w, gs, dy, m, k, n, sweep, log):
+  """Our kernels' entries: fwd and wgrad (best of the sweeps if asked), dgrad, fwd+bwd."""
+  fwd_cfg = wgrad_cfg = None
   if sweep:
     fwd_cfg = _best_config([c for c in GMM_SWEEP if _fits(c, k, n)], gmm_mgpu,
                            (x, w, gs), m, k, n, log)
@@ -111,16 +115,17 @@ def bench_jaxmoe(x, w, gs, dy, m, k, n, g, sweep, log):
             gmm_mgpu(dy, w, gs, transpose_rhs=True, config=dgrad_cfg),
             tgmm_mgpu(x, dy, gs, config=wgrad_cfg))
 
-  for name, fn, args, passes in (("fwd", fwd, (x, w, gs), 1),
-                                 ("dgrad", dgrad, (dy, w, gs), 1),
-                                 ("wgrad", wgrad, (x, dy, gs), 1),
-                                 ("fwd+bwd", fwd_bwd, (x, w, gs, dy), 3)):
-    ms = time_ms(fn, *args)
-    records.append(dict(pass_=name, impl="jaxmoe", tflops=_tflops(m, k, n, passes, ms)))
-  for record, cfg in zip(records[:3], (fwd_cfg, dgrad_cfg, wgrad_cfg)):
-    if cfg is not None:
-      record["config"] = str(cfg)
-  return records
+  entries = [_entry("fwd", "jaxmoe", fwd, (x, w, gs), 1, fwd_cfg),
+             _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1, dgrad_cfg),
+             _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1, wgrad_cfg),
+             _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
+  return entries
+
+
+def _entry(pass_, impl, fn, args, passes, config=None):
+  """One timed function of a shape: its pass, implementation, fn(*args), pass count."""
+  return dict(pass_=pass_, impl=impl, fn=fn, args=args, passes=passes,
+              config=None if config is None else str(config))
 
 
 def _vjp_fn(f):
@@ -131,23 +136,18 @@ def _vjp_fn(f):
   return fwd_bwd
 
 
-def bench_anchors(x, w, gs, dy, m, k, n, g, log, dense_only=False):
-  records = []
+def anchor_entries(x, w, gs, dy, m, k, n, g, log, dense_only=False):
+  """The anchors' entries; ragged_dot_mgpu's config is picked by a short sweep."""
   w0 = w[0]
   dense = lambda x, w, gs: x @ w  # noqa: E731
-  ms = time_ms(jax.jit(dense), x, w0, gs)
-  records.append(dict(pass_="fwd", impl="dense", tflops=_tflops(m, k, n, 1, ms)))
-  ms = time_ms(_vjp_fn(dense), x, w0, gs, dy)
-  records.append(dict(pass_="fwd+bwd", impl="dense", tflops=_tflops(m, k, n, 3, ms)))
+  entries = [_entry("fwd", "dense", jax.jit(dense), (x, w0, gs), 1),
+             _entry("fwd+bwd", "dense", _vjp_fn(dense), (x, w0, gs, dy), 3)]
   if dense_only:
-    return records
+    return entries
   if m * n * g <= 16384 * 4096 * 64:  # XLA's ragged_dot runs out of memory beyond.
     ragged = lambda x, w, gs: jax.lax.ragged_dot(x, w, gs)  # noqa: E731
-    ms = time_ms(jax.jit(ragged), x, w, gs)
-    records.append(dict(pass_="fwd", impl="ragged_dot", tflops=_tflops(m, k, n, 1, ms)))
-    ms = time_ms(_vjp_fn(ragged), x, w, gs, dy)
-    records.append(dict(pass_="fwd+bwd", impl="ragged_dot",
-                        tflops=_tflops(m, k, n, 3, ms)))
+    entries += [_entry("fwd", "ragged_dot", jax.jit(ragged), (x, w, gs), 1),
+                _entry("fwd+bwd", "ragged_dot", _vjp_fn(ragged), (x, w, gs, dy), 3)]
   if g <= 64:  # ragged_dot_mgpu unrolls a loop over G.
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
     best = None
@@ -163,10 +163,25 @@ def bench_anchors(x, w, gs, dy, m, k, n, g, log, dense_only=False):
       except Exception as e:  # noqa: BLE001
         log(f"  ragged_dot_mgpu {(bm, bn, bk, steps, gbn)} failed: {str(e)[:120]}")
         continue
-      best = ms if best is None else min(best, ms)
+      if best is None or ms < best[0]:
+        best = (ms, fn, (bm, bn, bk, steps, gbn))
     if best is not None:
-      records.append(dict(pass_="fwd", impl="ragged_dot_mgpu",
-                          tflops=_tflops(m, k, n, 1, best)))
+      entries.append(_entry("fwd", "ragged_dot_mgpu", best[1], (x, w, gs), 1,
+                            "block_m,block_n,block_k,max_concurrent_steps,grid_block_n="
+                            + ",".join(map(str, best[2]))))
+  return entries
+
+
+def time_entries(entries, m, k, n) -> list[dict]:
+  """Times all entries of one shape in interleaved rounds; one record each."""
+  ms = interleaved_ms({i: (e["fn"], e["args"]) for i, e in enumerate(entries)})
+  records = []
+  for i, e in enumerate(entries):
+    record = dict(pass_=e["pass_"], impl=e["impl"],
+                  tflops=_tflops(m, k, n, e["passes"], ms[i]))
+    if e["config"] is not None:
+      record["config"] = e["config"]
+    records.append(record)
   return records
 
 
@@ -223,14 +238,15 @@ def main() -> None:
     w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     gs = jnp.asarray(random_group_sizes(m, g))
-    recs = bench_jaxmoe(x, w, gs, dy, m, k, n, g, args.sweep, log)
+    entries = jaxmoe_entries(x, w, gs, dy, m, k, n, args.sweep, log)
     if args.anchors != "none":
-      recs += bench_anchors(x, w, gs, dy, m, k, n, g, log, args.anchors == "dense")
+      entries += anchor_entries(x, w, gs, dy, m, k, n, g, log, args.anchors == "dense")
+    recs = time_entries(entries, m, k, n)
     for r in recs:
       r = {"M": m, "K": k, "N": n, "G": g, "pass": r.pop("pass_"), **r}
       log(json.dumps(r))
       records.append(r)
-    del x, w, dy
+    del x, w, dy, entries
   if not args.no_torch:
     records += run_torch(args.quick, log)
   device = jax.devices()[0]

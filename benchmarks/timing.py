@@ -26,3 +26,19 @@ def time_ms(fn, *args, calls: int = CALLS, repeats: int = REPEATS) -> float:
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / calls)
   return statistics.median(times) * 1e3
+
+
+def interleaved_ms(fns: dict, rounds: int = 5, calls: int = 40, repeats: int = 3) -> dict:
+  """{name: median ms} for fns = {name: (fn, args)}, timed in interleaved rounds.
+
+  Each round times every function in turn (`time_ms`), so all of them see the same
+  clock and power state; one function's run-to-run drift (the dense anchor alone
+  read 675-795 TF/s across runs on one H100) does not bias the ratios.
+  """
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, (fn, args) in fns.items():
+      times[name].append(time_ms(fn, *args, calls=calls, repeats=repeats))
+  return {name: statistics.median(t) for name, t in times.items()}

@@ -100,7 +100,10 @@ def gmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> GmmMetadata:
   item_begin = item_end - num_tiles
 
   item = jnp.arange(gmm_num_items(m, g, block_m), dtype=jnp.int32)
-  seg = jnp.searchsorted(item_end, item, side="right").astype(jnp.int32)
+  # One broadcast compare instead of a binary search: on the GPU the default
+  # search is a loop of small kernels, which cost 30-70 us per gmm call (H100).
+  seg = jnp.searchsorted(item_end, item, side="right",
+                         method="compare_all").astype(jnp.int32)
   used = seg <= g
   seg = jnp.minimum(seg, g)
   tile_start = tile_base[seg] + (item - item_begin[seg]) * block_m
