@@ -22,6 +22,13 @@ def _check_multiple(name: str, value: int, of: int) -> None:
     raise ValueError(f"{name}={value} must be a positive multiple of {of}.")
 
 
+def _check_cta_n(cfg, n: int) -> None:
+  """N must split into work items of cfg.cta_block_n columns."""
+  if n % cfg.cta_block_n:
+    raise NotImplementedError(
+        f"N={n} is not a multiple of {cfg.num_compute_wgs}*block_n={cfg.cta_block_n}.")
+
+
 def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
   need = cfg.smem_bytes(in_itemsize, out_itemsize)
   if need > SMEM_BYTES:
@@ -115,9 +122,7 @@ class GmmConfig:
       raise NotImplementedError(
           f"chain_items=True needs K/block_k={k // self.block_k} to be a multiple of "
           f"max_concurrent_steps={self.max_concurrent_steps}.")
-    if n % self.cta_block_n:
-      raise NotImplementedError(
-          f"N={n} is not a multiple of {self.num_compute_wgs}*block_n={self.cta_block_n}.")
+    _check_cta_n(self, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +137,13 @@ class TgmmConfig:
     grid_block_n: planar-snake band width over (k-tile, n-tile) within a group.
     warp_specialized: True: a producer warpgroup streams the row blocks of all
       of an SM's work items through one ring of max_concurrent_steps buffers,
-      running ahead into the next item while the consumer warpgroup finishes
+      running ahead into the next item while the consumer warpgroups finish
       the current one (items are a few row blocks long when groups are small).
       False: one warpgroup, one pipeline per item.
+    num_compute_wgs: warp-specialised only. 1: one consumer warpgroup computes
+      a block_k x block_n tile. 2: two consumer warpgroups compute the left and
+      right block_k x block_n halves of a block_k x (2*block_n) tile, sharing
+      each lhs tile (the loads per FLOP of gmm's 128x256 tiles).
   """
   block_m: int = 64
   block_k: int = 128
@@ -142,6 +151,12 @@ class TgmmConfig:
   max_concurrent_steps: int = 4
   grid_block_n: int = 4
   warp_specialized: bool = False
+  num_compute_wgs: int = 1
+
+  @property
+  def cta_block_n(self) -> int:
+    """Output columns of one work item (all consumer warpgroups together)."""
+    return self.block_n * self.num_compute_wgs
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -156,6 +171,14 @@ class TgmmConfig:
     if self.warp_specialized and self.max_concurrent_steps < 2:
       raise ValueError("warp_specialized=True keeps one wgmma in flight while it "
                        "waits for the next slot: max_concurrent_steps must be >= 2.")
+    if self.num_compute_wgs not in (1, 2):
+      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    if self.num_compute_wgs == 2 and not self.warp_specialized:
+      raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
+    if self.block_k % (64 * self.num_compute_wgs):
+      # Each consumer masks its own 64-column share of a boundary block's lhs tile.
+      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} needs block_k a "
+                       f"multiple of {64 * self.num_compute_wgs}, got {self.block_k}.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
@@ -164,8 +187,9 @@ class TgmmConfig:
           f"(at most {SMEM_BYTES}).")
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    stage = (self.block_k + self.block_n) * self.block_m * in_itemsize
-    return stage * self.max_concurrent_steps + self.block_k * self.block_n * out_itemsize
+    stage = (self.block_k + self.cta_block_n) * self.block_m * in_itemsize
+    return (stage * self.max_concurrent_steps
+            + self.block_k * self.cta_block_n * out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
@@ -173,8 +197,7 @@ class TgmmConfig:
     _check_smem(self, in_itemsize, out_itemsize)
     if k % self.block_k:
       raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
-    if n % self.block_n:
-      raise NotImplementedError(f"N={n} is not a multiple of block_n={self.block_n}.")
+    _check_cta_n(self, n)
 
 
 _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
@@ -244,13 +267,20 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
 def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmConfig:
   """The tuned config for this shape if there is one, else a heuristic one.
 
-  Heuristic (from the H100 sweep, 2026-11-26): the warp-specialised kernel with
-  64-row steps into a 128x128 tile and the deepest ring that fits (5 slots):
-  1.06-1.40x the one-warpgroup kernel on all six benchmark shapes; 128-row
-  steps (3 slots) were 0.7-1.0x.
+  Heuristic (from the H100 sweeps of 2026-11-26): the warp-specialised kernel
+  with 64-row steps. With 16-bit outputs, K a multiple of 128 and N of 256:
+  two consumer warpgroups on a 128x256 tile with a 3-slot ring (against one
+  consumer on 128x128 with 5 slots: 0.99-1.01x at G=8, 1.03-1.06x at G=64,
+  1.01x at G=128, 1.13x at G=256). Otherwise one consumer warpgroup on a
+  128x128 tile and the deepest ring that fits (5 slots): 1.06-1.40x the
+  one-warpgroup kernel on all six benchmark shapes; 128-row steps (3 slots)
+  were 0.7-1.0x.
   """
   if (m, k, n, g) in TGMM_TUNED:
     return TGMM_TUNED[(m, k, n, g)]
+  if out_itemsize == 2 and k % 128 == 0 and n % 256 == 0:
+    return TgmmConfig(64, 128, 128, max_concurrent_steps=3, grid_block_n=8,
+                      warp_specialized=True, num_compute_wgs=2)
   block_k = _largest_dividing(k, (128, 64)) or 64
   # 128x128: a larger float32 accumulator crowds one warpgroup's registers.
   block_n = _largest_dividing(n, (128, 64)) or 64

@@ -72,14 +72,42 @@ def _mask_rows(x_smem, first_row, row_start, row_end):
   x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
 
+def _straddles(block_row0, row_start, row_end, block_m):
+  """Whether a row block holds rows outside the group's [row_start, row_end)."""
+  return (block_row0 < row_start) | (block_row0 + block_m > row_end)
+
+
 def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, block_m):
   """In a row block that straddles the group's bounds, zeroes the other rows of both
   operands (both: 0 * NaN would leak a NaN from a padding row)."""
-  @pl.when((block_row0 < row_start) | (block_row0 + block_m > row_end))
+  @pl.when(_straddles(block_row0, row_start, row_end, block_m))
   def _():
     _mask_rows(lhs_smem, block_row0, row_start, row_end)
     _mask_rows(rhs_smem, block_row0, row_start, row_end)
     plgpu.commit_smem()
+
+
+def _mask_share_outside_group(lhs_smem, rhs_smem, masked, wg, block_row0, row_start,
+                              row_end, cfg):
+  """`_mask_outside_group` by cfg.num_compute_wgs consumers of one slot.
+
+  Consumer c masks columns [c, c+1) * block_k/C of the shared lhs tile and its
+  own block_n columns of rhs, then all meet at the slot's `masked` barrier, so
+  that no wgmma reads the lhs tile before every share of it is masked.
+  """
+  share = cfg.block_k // cfg.num_compute_wgs
+
+  @pl.when(_straddles(block_row0, row_start, row_end, cfg.block_m))
+  def _():
+    for c in range(cfg.num_compute_wgs):  # Static slices: one branch per consumer.
+      @pl.when(wg == c)
+      def _():
+        _mask_rows(lhs_smem.at[:, pl.ds(c * share, share)], block_row0, row_start, row_end)
+        _mask_rows(rhs_smem.at[:, pl.ds(c * cfg.block_n, cfg.block_n)], block_row0,
+                   row_start, row_end)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(masked)
+    plgpu.barrier_wait(masked)
 
 
 def _item_tiles(loop_info: plgpu.NDLoopInfo, grid_k: int, grid_n: int, cfg):
@@ -147,20 +175,23 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
 
 def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
                     lhs_gmem, rhs_gmem, out_gmem, *, cfg):
-  """Warp-specialised tgmm (cfg.warp_specialized): warpgroup 1 loads, warpgroup 0 computes.
+  """Warp-specialised tgmm (cfg.warp_specialized): the last warpgroup loads,
+  cfg.num_compute_wgs consumer warpgroups compute.
 
-  Both walk the same (group, k-tile, n-tile) items and count their row blocks
+  All walk the same (group, k-tile, n-tile) items and count their row blocks
   with one running step t across items; step t uses ring slot t % S. The
-  producer waits for the consumer to release a slot (`consumed`) before it
-  reloads it, and the consumer waits for the slot's loads (`produced`), so the
+  producer waits for every consumer to release a slot (`consumed`) before it
+  reloads it, and the consumers wait for the slot's loads (`produced`), so the
   loads of an item's first blocks overlap the previous item's last wgmmas and
-  its store.
+  its store. With two consumers, consumer c computes columns
+  [c, c+1) * block_n of the item's block_k x (2*block_n) tile.
   """
   num_groups = out_gmem.shape[0]
   k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
-  bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
+  bm, bk, bn, cta_n = cfg.block_m, cfg.block_k, cfg.block_n, cfg.cta_block_n
+  num_consumers = cfg.num_compute_wgs
   slots = cfg.max_concurrent_steps
-  grid_k, grid_n = k // bk, n // bn
+  grid_k, grid_n = k // bk, n // cta_n
 
   def for_each_item(body):
     """body(g, k_tile, n_tile, t) -> t over this SM's items; t counts row blocks."""
@@ -174,18 +205,20 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
       pl.run_scoped,
       lhs_smem=plgpu.SMEM((slots, bm, bk), lhs_gmem.dtype,
                           transforms=_smem_transforms(bk, lhs_gmem.dtype)),
-      rhs_smem=plgpu.SMEM((slots, bm, bn), rhs_gmem.dtype,
-                          transforms=_smem_transforms(bn, rhs_gmem.dtype)),
-      o_smem=plgpu.SMEM((bk, bn), out_gmem.dtype,
+      rhs_smem=plgpu.SMEM((slots, bm, cta_n), rhs_gmem.dtype,
+                          transforms=_smem_transforms(cta_n, rhs_gmem.dtype)),
+      o_smem=plgpu.SMEM((num_consumers, bk, bn), out_gmem.dtype,
                         transforms=_smem_transforms(bn, out_gmem.dtype)),
       produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
-      consumed=plgpu.Barrier(num_arrivals=1, num_barriers=slots),
+      consumed=plgpu.Barrier(num_arrivals=num_consumers, num_barriers=slots),
+      masked=(plgpu.Barrier(num_arrivals=num_consumers, num_barriers=slots)
+              if num_consumers > 1 else None),
       collective_axes="wg",
   )
-  def _(lhs_smem, rhs_smem, o_smem, produced, consumed):
+  def _(lhs_smem, rhs_smem, o_smem, produced, consumed, masked):
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 1)
+    @pl.when(wg == num_consumers)
     def _producer():
       def produce(g, k_tile, n_tile, t):
         first_block = first_block_gmem[g]
@@ -196,7 +229,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
           rows = pl.ds((first_block + b) * bm, bm)
           plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
                                   lhs_smem.at[slot], produced.at[slot])
-          plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * bn, bn)],
+          plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * cta_n, cta_n)],
                                   rhs_smem.at[slot], produced.at[slot])
           return t + 1
 
@@ -208,7 +241,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
         t = total - slots + i
         pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(consumed.at[lax.rem(t, slots)]))
 
-    @pl.when(wg == 0)
+    @pl.when(wg < num_consumers)
     def _consumer():
       def consume(g, k_tile, n_tile, t):
         row_start, row_end = row_start_gmem[g], row_end_gmem[g]
@@ -218,9 +251,14 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
           def step(b, t):
             slot = lax.rem(t, slots)
             plgpu.barrier_wait(produced.at[slot])
-            _mask_outside_group(lhs_smem.at[slot], rhs_smem.at[slot],
-                                (first_block + b) * bm, row_start, row_end, bm)
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot].T, rhs_smem.at[slot])
+            lhs_slot, rhs_slot = lhs_smem.at[slot], rhs_smem.at[slot]
+            block_row0 = (first_block + b) * bm
+            if num_consumers == 1:
+              _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, bm)
+            else:
+              _mask_share_outside_group(lhs_slot, rhs_slot, masked.at[slot], wg,
+                                        block_row0, row_start, row_end, cfg)
+            plgpu.wgmma(acc_ref, lhs_slot.T, rhs_slot.at[:, pl.ds(wg * bn, bn)])
             # One wgmma stays in flight: the previous one is done, free its slot.
             plgpu.wgmma_wait(1)
             pl.when(b > 0)(lambda: plgpu.barrier_arrive(consumed.at[lax.rem(t - 1, slots)]))
@@ -234,7 +272,8 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
           return acc_ref[...], t_end
 
         acc, t = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn)))
-        _store_tile(acc, o_smem, out_gmem.at[g], k_tile, n_tile, cfg)
+        _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile,
+                    n_tile * num_consumers + wg, cfg)
         return t
 
       for_each_item(consume)
@@ -287,7 +326,7 @@ def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
       out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
       grid=(config_lib.num_sms(),),
       grid_names=("sm",),
-      num_threads=2 if ws else None,
+      num_threads=cfg.num_compute_wgs + 1 if ws else None,
       thread_name="wg" if ws else None,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

@@ -156,6 +156,22 @@ def test_tgmm_interpret_warp_specialized(m, k, n, sizes, out_dtype, sms, monkeyp
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=TGMM_WS)
 
 
+TGMM_TWO_CONSUMERS = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=64,
+                                           max_concurrent_steps=2, warp_specialized=True,
+                                           num_compute_wgs=2)
+
+
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,sms", [
+    (200, 128, 128, [50, 0, 90, 30], jnp.float32, 3),
+    (392, 256, 128, [0, 130, 7, 0, 1, 200], jnp.bfloat16, 2),
+    (136, 128, 256, [3, 100, 0, 20], jnp.float32, 132),
+])
+def test_tgmm_interpret_two_consumers(m, k, n, sizes, out_dtype, sms, monkeypatch):
+  """Two consumer warpgroups share each lhs tile and mask it in two halves."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=TGMM_TWO_CONSUMERS)
+
+
 def _lower_for_h100(fn, *avals):
   mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
   with jax.sharding.use_abstract_mesh(mesh):
@@ -189,11 +205,14 @@ def test_gmm_lowers_for_h100_many_groups():
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dtype,ws", [(jnp.bfloat16, False), (jnp.float16, False),
-                                      (jnp.bfloat16, True)])
-def test_tgmm_lowers_for_h100(dtype, ws):
+@pytest.mark.parametrize("dtype,ws,consumers", [
+    (jnp.bfloat16, False, 1), (jnp.float16, False, 1), (jnp.bfloat16, True, 1),
+    (jnp.bfloat16, True, 2)])
+def test_tgmm_lowers_for_h100(dtype, ws, consumers):
   m, k, n, g = 4096, 1024, 1024, 64
-  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128, warp_specialized=ws)
+  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128, warp_specialized=ws,
+                              max_concurrent_steps=4 if consumers == 1 else 2,
+                              num_compute_wgs=consumers)
   text = _lower_for_h100(
       lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=jnp.float32, config=cfg),
       jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
@@ -228,6 +247,16 @@ def test_config_validates_itself():
   with pytest.raises(NotImplementedError, match="block_n"):
     config_lib.GmmConfig(block_n=128).validate_for(1024, 192)
   assert config_lib.gmm_config(16384, 4096, 1536, 128).block_n in (128, 192)
+  with pytest.raises(ValueError, match="warp_specialized"):
+    config_lib.TgmmConfig(num_compute_wgs=2)
+  with pytest.raises(ValueError, match="block_k"):
+    config_lib.TgmmConfig(block_k=64, warp_specialized=True, num_compute_wgs=2)
+  with pytest.raises(NotImplementedError, match="2\\*block_n=256"):
+    config_lib.TgmmConfig(64, 128, 128, 3, warp_specialized=True,
+                          num_compute_wgs=2).validate_for(1024, 384)
+  # Two consumers need 16-bit outputs (a float32 staging tile leaves 2 slots).
+  assert config_lib.tgmm_config(16384, 4096, 2048, 8).num_compute_wgs == 2
+  assert config_lib.tgmm_config(16384, 4096, 2048, 8, out_itemsize=4).num_compute_wgs == 1
 
 
 @pytest.mark.parametrize("block_m", [64, 128])
