@@ -199,11 +199,14 @@ def run_torch(quick: bool, log) -> list[dict]:
 
 
 def print_table(records) -> None:
+  """TFLOP/s per shape and pass; "vs torch" is (jaxmoe / dense) over (torch_grouped_mm /
+  torch_dense), each pair timed in the same rounds of its own process."""
   by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
-  impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm")
-  print("\nTFLOP/s (ratio jaxmoe/dense)")
+  impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm",
+           "torch_dense")
+  print("\nTFLOP/s (ratio jaxmoe/dense; vs torch normalised by each process's dense)")
   print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
-        + "  vs dense")
+        + "  vs dense  vs torch")
   shapes = sorted({k[:4] for k in by}, key=lambda s: (s[3], s))
   for s in shapes:
     for p in ("fwd", "dgrad", "wgrad", "fwd+bwd"):
@@ -211,8 +214,11 @@ def print_table(records) -> None:
       if all(v is None for v in row):
         continue
       ratio = (f"{row[0] / row[1]:.2f}" if row[0] and row[1] else "-")
+      vs_torch = (f"{row[0] / row[1] / (row[4] / row[5]):.2f}" if all(row[i] for i in
+                                                                    (0, 1, 4, 5)) else "-")
       print(f"{','.join(map(str, s)):>24} {p:>8} "
-            + " ".join(f"{v if v is not None else '-':>12}" for v in row) + f"  {ratio}")
+            + " ".join(f"{v if v is not None else '-':>12}" for v in row)
+            + f"  {ratio:>8}  {vs_torch:>8}")
 
 
 def main() -> None:
