@@ -6,7 +6,9 @@ Implementations: "fused" (`grouped_mlp(backend="mosaic_gpu", fused=True)`),
 "unfused" (the same kernels with standalone SReLU kernels), "ragged_dot"
 (`backend="xla"`), and "dense_einsum": equal group sizes as a batched einsum [G, M/G, H],
 the upper reference. Passes: fwd, and fwd+bwd through `jax.vjp` with a random
-cotangent, returning the gradients of x, w1, w2 and the scales.
+cotangent, returning the gradients of x, w1, w2 and the scales. All implementations
+and passes of a shape are timed in turn, in 5 interleaved rounds
+(`timing.interleaved_ms`: 10 back-to-back calls, one wait, median of 3 per round).
 
     PYTHONPATH=. python benchmarks/grouped_mlp.py [--quick]
 
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import random_group_sizes  # noqa: E402
-from timing import time_ms  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 import jaxmoe  # noqa: E402
 
@@ -68,29 +70,33 @@ def inputs(m, h, f, g, key=0):
 
 
 def bench_shape(m, h, f, g, log) -> list[dict]:
+  """ms per call of every implementation and pass, timed in interleaved rounds."""
   x, w1, w2, scales, dy = inputs(m, h, f, g)
   random_gs = jnp.asarray(random_group_sizes(m, g))
   equal_gs = jnp.full((g,), m // g, jnp.int32)
-  records = []
+  runs, records = {}, []
   for impl, mlp in IMPLS.items():
     gs = equal_gs if impl == "dense_einsum" else random_gs
-    fwd = jax.jit(lambda x, w1, w2, p: mlp(x, w1, w2, gs, p))
+    fwd = jax.jit(lambda x, w1, w2, p, mlp=mlp, gs=gs: mlp(x, w1, w2, gs, p))
 
     @jax.jit
-    def fwd_bwd(x, w1, w2, p, dy):
+    def fwd_bwd(x, w1, w2, p, dy, mlp=mlp, gs=gs):
       y, pull = jax.vjp(lambda *a: mlp(*a[:3], gs, a[3]), x, w1, w2, p)
       return y, pull(dy)
 
     for name, fn, args in (("fwd", fwd, (x, w1, w2, scales)),
                            ("fwd+bwd", fwd_bwd, (x, w1, w2, scales, dy))):
       try:
-        ms = round(time_ms(fn, *args, calls=10), 3)
+        jax.block_until_ready(fn(*args))
+        runs[(impl, name)] = (fn, args)
       except Exception as e:  # noqa: BLE001 -- report what does not run (OOM, unsupported)
         log(f"  {impl} {name}: failed {type(e).__name__}: {str(e)[:300]}")
-        ms = None
-      log(f"  {impl:12} {name:8} {ms} ms")
-      records.append({"tokens": m, "H": h, "F": f, "G": g, "pass": name, "impl": impl,
-                      "ms": ms})
+        records.append({"tokens": m, "H": h, "F": f, "G": g, "pass": name, "impl": impl,
+                        "ms": None})
+  for (impl, name), ms in interleaved_ms(runs, calls=10).items():
+    log(f"  {impl:12} {name:8} {ms:.3f} ms")
+    records.append({"tokens": m, "H": h, "F": f, "G": g, "pass": name, "impl": impl,
+                    "ms": round(ms, 3)})
   return records
 
 
