@@ -8,7 +8,9 @@ runs no pipeline and writes the zero accumulator. Two kernels: one warpgroup
 with a pipeline per item (`_tgmm_kernel`), or, the default, warp-specialised
 (`_tgmm_kernel_ws`): a producer warpgroup streams the row blocks of all of an
 SM's items through one ring of buffers, so short items (small groups) do not
-each pay for filling a pipeline.
+each pay for filling a pipeline, to one consumer warpgroup or, with
+config.num_compute_wgs=2, to two that compute the halves of a wider tile and
+share its lhs tile.
 
 Row blocks are block_m rows of lhs [M, K] and rhs [M, N]. A group's first and
 last block can hold rows of its neighbours (or padding rows past the sum, or
@@ -20,7 +22,8 @@ rows past M that TMA fills with zeros)::
 
 In a block that straddles a group boundary, the rows outside the group are set
 to zero in shared memory, in both operands (so that a NaN in a padding row
-cannot leak in through 0 * NaN), before the wgmma reads them. Output tiles go
+cannot leak in through 0 * NaN), before the wgmma reads them; two consumers
+each mask a share and meet at a barrier first. Output tiles go
 out by TMA and are left in flight over the next item's main loop.
 """
 
