@@ -115,11 +115,10 @@ def jaxmoe_entries(x, w, gs, dy, m, k, n, sweep, log):
             gmm_mgpu(dy, w, gs, transpose_rhs=True, config=dgrad_cfg),
             tgmm_mgpu(x, dy, gs, config=wgrad_cfg))
 
-  entries = [_entry("fwd", "jaxmoe", fwd, (x, w, gs), 1, fwd_cfg),
-             _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1, dgrad_cfg),
-             _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1, wgrad_cfg),
-             _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
-  return entries
+  return [_entry("fwd", "jaxmoe", fwd, (x, w, gs), 1, fwd_cfg),
+          _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1, dgrad_cfg),
+          _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1, wgrad_cfg),
+          _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
 
 
 def _entry(pass_, impl, fn, args, passes, config=None):
