@@ -31,12 +31,11 @@ def time_ms(fn, *args, calls: int = CALLS, repeats: int = REPEATS) -> float:
 def interleaved_ms(fns: dict, rounds: int = 5, calls: int = 40, repeats: int = 3) -> dict:
   """{name: median ms} for fns = {name: (fn, args)}, timed in interleaved rounds.
 
-  Each round times every function in turn (`time_ms`), so all of them see the same
+  Each round times every function in turn (`time_ms`, which warms it up first, so
+  compilation happens in the first round, untimed), so all of them see the same
   clock and power state; one function's run-to-run drift (the dense anchor alone
   read 675-795 TF/s across runs on one H100) does not bias the ratios.
   """
-  for fn, args in fns.values():
-    jax.block_until_ready(fn(*args))
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, (fn, args) in fns.items():

@@ -75,42 +75,39 @@ def _mask_rows(x_smem, first_row, row_start, row_end):
   x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
 
-def _straddles(block_row0, row_start, row_end, block_m):
-  """Whether a row block holds rows outside the group's [row_start, row_end)."""
-  return (block_row0 < row_start) | (block_row0 + block_m > row_end)
-
-
-def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, block_m):
+def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, cfg, *,
+                        wg=0, masked=None):
   """In a row block that straddles the group's bounds, zeroes the other rows of both
-  operands (both: 0 * NaN would leak a NaN from a padding row)."""
-  @pl.when(_straddles(block_row0, row_start, row_end, block_m))
-  def _():
-    _mask_rows(lhs_smem, block_row0, row_start, row_end)
-    _mask_rows(rhs_smem, block_row0, row_start, row_end)
-    plgpu.commit_smem()
+  operands (both: 0 * NaN would leak a NaN from a padding row).
 
-
-def _mask_share_outside_group(lhs_smem, rhs_smem, masked, wg, block_row0, row_start,
-                              row_end, cfg):
-  """`_mask_outside_group` by cfg.num_compute_wgs consumers of one slot.
-
-  Consumer c masks columns [c, c+1) * block_k/C of the shared lhs tile and its
-  own block_n columns of rhs, then all meet at the slot's `masked` barrier, so
-  that no wgmma reads the lhs tile before every share of it is masked.
+  With cfg.num_compute_wgs = C consumers of one slot, consumer `wg` masks columns
+  [wg, wg+1) * block_k/C of the shared lhs tile and its own block_n columns of
+  rhs, then all meet at the slot's `masked` barrier, so that no wgmma reads the
+  lhs tile before every share of it is masked. One consumer masks both whole.
   """
-  share = cfg.block_k // cfg.num_compute_wgs
+  consumers = cfg.num_compute_wgs
+  share = cfg.block_k // consumers
+  straddles = (block_row0 < row_start) | (block_row0 + cfg.block_m > row_end)
 
-  @pl.when(_straddles(block_row0, row_start, row_end, cfg.block_m))
+  def mask_share(c):
+    lhs, rhs = lhs_smem, rhs_smem
+    if consumers > 1:
+      lhs = lhs.at[:, pl.ds(c * share, share)]
+      rhs = rhs.at[:, pl.ds(c * cfg.block_n, cfg.block_n)]
+    _mask_rows(lhs, block_row0, row_start, row_end)
+    _mask_rows(rhs, block_row0, row_start, row_end)
+
+  @pl.when(straddles)
   def _():
-    for c in range(cfg.num_compute_wgs):  # Static slices: one branch per consumer.
-      @pl.when(wg == c)
-      def _():
-        _mask_rows(lhs_smem.at[:, pl.ds(c * share, share)], block_row0, row_start, row_end)
-        _mask_rows(rhs_smem.at[:, pl.ds(c * cfg.block_n, cfg.block_n)], block_row0,
-                   row_start, row_end)
+    if consumers == 1:
+      mask_share(0)
+    else:
+      for c in range(consumers):  # Static slices: one branch per consumer.
+        pl.when(wg == c)(functools.partial(mask_share, c))
     plgpu.commit_smem()
-    plgpu.barrier_arrive(masked)
-    plgpu.barrier_wait(masked)
+    if consumers > 1:
+      plgpu.barrier_arrive(masked)
+      plgpu.barrier_wait(masked)
 
 
 def _item_tiles(loop_info: plgpu.NDLoopInfo, grid_k: int, grid_n: int, cfg):
@@ -145,7 +142,7 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
           (b,) = idx
 
           _mask_outside_group(lhs_smem, rhs_smem, (first_block + b) * cfg.block_m,
-                              row_start, row_end, cfg.block_m)
+                              row_start, row_end, cfg)
           plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
           if cfg.max_concurrent_steps == 1:
             # Without a second buffer the slot must be free before the next load.
@@ -256,11 +253,8 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
             plgpu.barrier_wait(produced.at[slot])
             lhs_slot, rhs_slot = lhs_smem.at[slot], rhs_smem.at[slot]
             block_row0 = (first_block + b) * bm
-            if num_consumers == 1:
-              _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, bm)
-            else:
-              _mask_share_outside_group(lhs_slot, rhs_slot, masked.at[slot], wg,
-                                        block_row0, row_start, row_end, cfg)
+            _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, cfg,
+                                wg=wg, masked=None if masked is None else masked.at[slot])
             plgpu.wgmma(acc_ref, lhs_slot.T, rhs_slot.at[:, pl.ds(wg * bn, bn)])
             # One wgmma stays in flight: the previous one is done, free its slot.
             plgpu.wgmma_wait(1)
