@@ -144,6 +144,10 @@ class TgmmConfig:
       a block_k x block_n tile. 2: two consumer warpgroups compute the left and
       right block_k x block_n halves of a block_k x (2*block_n) tile, sharing
       each lhs tile (the loads per FLOP of gmm's 128x256 tiles).
+    epilogue_rows: rows of each consumer's shared-memory staging buffer for the
+      output tile (a multiple of 64 that divides block_k; None = block_k). Half
+      of block_k frees shared memory for a deeper ring; the tile then goes out
+      in two passes.
   """
   block_m: int = 64
   block_k: int = 128
@@ -152,11 +156,17 @@ class TgmmConfig:
   grid_block_n: int = 4
   warp_specialized: bool = False
   num_compute_wgs: int = 1
+  epilogue_rows: int | None = None
 
   @property
   def cta_block_n(self) -> int:
     """Output columns of one work item (all consumer warpgroups together)."""
     return self.block_n * self.num_compute_wgs
+
+  @property
+  def staged_rows(self) -> int:
+    """Rows of each consumer's epilogue staging buffer."""
+    return self.epilogue_rows or self.block_k
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -181,6 +191,10 @@ class TgmmConfig:
                        f"multiple of {64 * self.num_compute_wgs}, got {self.block_k}.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    if self.epilogue_rows is not None and (
+        self.epilogue_rows % 64 or self.block_k % self.epilogue_rows):
+      raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of 64 "
+                       f"that divides block_k={self.block_k}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
@@ -189,7 +203,7 @@ class TgmmConfig:
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
     stage = (self.block_k + self.cta_block_n) * self.block_m * in_itemsize
     return (stage * self.max_concurrent_steps
-            + self.block_k * self.cta_block_n * out_itemsize)
+            + self.staged_rows * self.cta_block_n * out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
@@ -269,18 +283,24 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmCo
 
   Heuristic (from the H100 sweeps of 2026-11-26): the warp-specialised kernel
   with 64-row steps. With 16-bit outputs, K a multiple of 128 and N of 256:
-  two consumer warpgroups on a 128x256 tile with a 3-slot ring (against one
-  consumer on 128x128 with 5 slots: 0.99-1.01x at G=8, 1.03-1.06x at G=64,
-  1.01x at G=128, 1.13x at G=256). Otherwise one consumer warpgroup on a
-  128x128 tile and the deepest ring that fits (5 slots): 1.06-1.40x the
+  two consumer warpgroups on a 128x256 tile (against one consumer on 128x128
+  with 5 slots: 0.99-1.01x at G=8, 1.03-1.06x at G=64, 1.01x at G=128, 1.13x
+  at G=256), with a 4-slot ring and the output tile staged in 64-row halves
+  when groups average 256 rows or more (against 3 slots and whole tiles:
+  1.04-1.07x at G=8 and G=64, 1.03x at G=128), else 3 slots (at G=256, 128
+  rows a group, the halves were 2-5% slower). Otherwise one consumer warpgroup
+  on a 128x128 tile and the deepest ring that fits (5 slots): 1.06-1.40x the
   one-warpgroup kernel on all six benchmark shapes; 128-row steps (3 slots)
   were 0.7-1.0x.
   """
   if (m, k, n, g) in TGMM_TUNED:
     return TGMM_TUNED[(m, k, n, g)]
   if out_itemsize == 2 and k % 128 == 0 and n % 256 == 0:
-    return TgmmConfig(64, 128, 128, max_concurrent_steps=3, grid_block_n=8,
-                      warp_specialized=True, num_compute_wgs=2)
+    two_consumers = dict(warp_specialized=True, num_compute_wgs=2, grid_block_n=8)
+    if m >= 256 * g:
+      return TgmmConfig(64, 128, 128, max_concurrent_steps=4, epilogue_rows=64,
+                        **two_consumers)
+    return TgmmConfig(64, 128, 128, max_concurrent_steps=3, **two_consumers)
   block_k = _largest_dividing(k, (128, 64)) or 64
   # 128x128: a larger float32 accumulator crowds one warpgroup's registers.
   block_n = _largest_dividing(n, (128, 64)) or 64

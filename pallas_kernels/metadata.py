@@ -26,8 +26,14 @@ a static bound; unused items have row_start == row_end and do nothing.
 
 tgmm (out [G, K, N], out[g] = lhs_g.T @ rhs_g)
 ----------------------------------------------
-Per group: the range of row blocks (of block_m rows) its rows touch. The first
-and last block are shared with neighbouring groups and get masked in the kernel.
+Per group: blocks of block_m rows counted from the group's first row rounded
+down to 8, so a group of s rows takes cdiv(s + row_start % 8, block_m) blocks.
+Only the first block (up to 7 rows of the previous group) and the last one
+(rows of the next groups or padding) hold rows of others; the kernel masks them::
+
+    rows    |.. group g-1 ..|====== group g ======|.. group g+1 ..
+    blocks              [  b0   ][  b1   ][  b2   ]
+                        ^ first_row = row_start rounded down to 8
 """
 
 from __future__ import annotations
@@ -130,23 +136,25 @@ class TgmmMetadata:
   Attributes:
     row_start: first row of the group (exclusive prefix sum of group_sizes).
     row_end: one past its last row (clipped to M).
-    first_block: index of the block_m-row block holding row_start.
-    num_blocks: row blocks the group touches (0 for an empty group).
+    first_row: first row of the group's first block: row_start rounded down to
+      a multiple of 8 (TMA reads lhs and rhs in 8-row tiles).
+    num_blocks: block_m-row blocks from first_row that cover the group (0 for
+      an empty group).
   """
   row_start: jax.Array
   row_end: jax.Array
-  first_block: jax.Array
+  first_row: jax.Array
   num_blocks: jax.Array
 
   def arrays(self) -> tuple[jax.Array, ...]:
-    return (self.row_start, self.row_end, self.first_block, self.num_blocks)
+    return (self.row_start, self.row_end, self.first_row, self.num_blocks)
 
 
 def tgmm_metadata(group_sizes: jax.Array, m: int, block_m: int) -> TgmmMetadata:
-  """Row ranges of each group for tgmm over `m` rows cut into block_m-row blocks."""
+  """Row ranges of each group for tgmm over `m` rows; see the module docstring."""
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-  first_block = starts // block_m
-  num_blocks = jnp.where(ends > starts, (ends - 1) // block_m - first_block + 1, 0)
-  return TgmmMetadata(row_start=starts, row_end=ends, first_block=first_block,
+  first_row = starts // 8 * 8
+  num_blocks = jnp.where(ends > starts, (ends - first_row + block_m - 1) // block_m, 0)
+  return TgmmMetadata(row_start=starts, row_end=ends, first_row=first_row,
                       num_blocks=num_blocks.astype(jnp.int32))

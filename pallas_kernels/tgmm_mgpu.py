@@ -12,19 +12,22 @@ each pay for filling a pipeline, to one consumer warpgroup or, with
 config.num_compute_wgs=2, to two that compute the halves of a wider tile and
 share its lhs tile.
 
-Row blocks are block_m rows of lhs [M, K] and rhs [M, N]. A group's first and
-last block can hold rows of its neighbours (or padding rows past the sum, or
-rows past M that TMA fills with zeros)::
+Row blocks are block_m rows of lhs [M, K] and rhs [M, N], counted from the
+group's first row rounded down to 8. A group's first block can hold up to 7
+rows of the previous group, its last block rows of the next groups, padding
+rows past the sum, or rows past M that TMA fills with zeros::
 
     rows:   |.. group g-1 ..|==== group g ====|.. group g+1 ..|
-    blocks: [    b0    ][    b1    ][    b2    ][    b3    ]
-                  ^ masked                          ^ masked
+    blocks:              [    b0    ][    b1    ]
+                          ^ masked          ^ masked
 
-In a block that straddles a group boundary, the rows outside the group are set
-to zero in shared memory, in both operands (so that a NaN in a padding row
-cannot leak in through 0 * NaN), before the wgmma reads them; two consumers
-each mask a share and meet at a barrier first. Output tiles go
-out by TMA and are left in flight over the next item's main loop.
+In a block that straddles the group's bounds, the other rows are set to zero in
+shared memory before the wgmma reads them: in lhs only (0 * x = 0 for the
+finite rows of other groups), and also in rhs where the block reaches past
+sum(group_sizes), so that a NaN in a padding row cannot leak in through
+0 * NaN. Two consumers each mask a share of the lhs tile and meet at a barrier
+first. Output tiles go out by TMA (config.epilogue_rows rows at a time) and the
+last store of a tile is left in flight over the next item's main loop.
 """
 
 from __future__ import annotations
@@ -66,28 +69,30 @@ def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = 
   return config
 
 
-def _mask_rows(x_smem, first_row, row_start, row_end):
+def _mask_rows(x_smem, block_row0, row_start, row_end):
   """Zeroes rows of a [block_m, cols] smem tile outside [row_start, row_end)."""
   x = x_smem[...]
-  rows = first_row + plgpu.layout_cast(
+  rows = block_row0 + plgpu.layout_cast(
       lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
   keep = (rows >= row_start) & (rows < row_end)
   x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
 
-def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, cfg, *,
-                        wg=0, masked=None):
-  """In a row block that straddles the group's bounds, zeroes the other rows of both
-  operands (both: 0 * NaN would leak a NaN from a padding row).
+def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, total,
+                        cfg, *, wg=0, masked=None):
+  """In a row block that straddles the group's bounds, zeroes the other rows of
+  lhs, and of rhs too where the block reaches the padding rows past `total`
+  (which may hold NaN: 0 * NaN would leak it).
 
   With cfg.num_compute_wgs = C consumers of one slot, consumer `wg` masks columns
-  [wg, wg+1) * block_k/C of the shared lhs tile and its own block_n columns of
-  rhs, then all meet at the slot's `masked` barrier, so that no wgmma reads the
-  lhs tile before every share of it is masked. One consumer masks both whole.
+  [wg, wg+1) * block_k/C of the shared lhs tile (and its own block_n columns of
+  rhs), then all meet at the slot's `masked` barrier, so that no wgmma reads the
+  lhs tile before every share of it is masked. One consumer masks them whole.
   """
   consumers = cfg.num_compute_wgs
   share = cfg.block_k // consumers
-  straddles = (block_row0 < row_start) | (block_row0 + cfg.block_m > row_end)
+  block_row_end = block_row0 + cfg.block_m
+  straddles = (block_row0 < row_start) | (block_row_end > row_end)
 
   def mask_share(c):
     lhs, rhs = lhs_smem, rhs_smem
@@ -95,7 +100,8 @@ def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, cfg,
       lhs = lhs.at[:, pl.ds(c * share, share)]
       rhs = rhs.at[:, pl.ds(c * cfg.block_n, cfg.block_n)]
     _mask_rows(lhs, block_row0, row_start, row_end)
-    _mask_rows(rhs, block_row0, row_start, row_end)
+    pl.when(block_row_end > total)(
+        lambda: _mask_rows(rhs, block_row0, row_start, row_end))
 
   @pl.when(straddles)
   def _():
@@ -110,6 +116,11 @@ def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, cfg,
       plgpu.barrier_wait(masked)
 
 
+def _block_row0(first_row, b, cfg):
+  """First row of a group's row block b (a multiple of 8, which TMA needs)."""
+  return pl.multiple_of(first_row + b * cfg.block_m, 8)
+
+
 def _item_tiles(loop_info: plgpu.NDLoopInfo, grid_k: int, grid_n: int, cfg):
   """(group, k-tile, n-tile) of an item of the (G, grid_k * grid_n) item loop."""
   k_tile, n_tile = plgpu.planar_snake(
@@ -117,7 +128,7 @@ def _item_tiles(loop_info: plgpu.NDLoopInfo, grid_k: int, grid_n: int, cfg):
   return loop_info.index[0], k_tile, n_tile
 
 
-def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
+def _tgmm_kernel(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
                  lhs_gmem, rhs_gmem, out_gmem, *, cfg):
   num_groups = out_gmem.shape[0]
   k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
@@ -125,24 +136,25 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
   lhs_transforms = _smem_transforms(cfg.block_k, lhs_gmem.dtype)
   rhs_transforms = _smem_transforms(cfg.block_n, rhs_gmem.dtype)
   out_transforms = _smem_transforms(cfg.block_n, out_gmem.dtype)
+  total = row_end_gmem[num_groups - 1]
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.block_k, cfg.block_n), out_gmem.dtype,
+      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.block_n), out_gmem.dtype,
                         transforms=out_transforms))
   def _(o_smem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
     def _item_loop(loop_info: plgpu.NDLoopInfo):
       g, k_tile, n_tile = _item_tiles(loop_info, grid_k, grid_n, cfg)
       row_start, row_end = row_start_gmem[g], row_end_gmem[g]
-      first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
+      first_row, num_blocks = first_row_gmem[g], num_blocks_gmem[g]
 
       def acc_scope(acc_ref):
         def step(idx, lhs_smem, rhs_smem):
           (b,) = idx
 
-          _mask_outside_group(lhs_smem, rhs_smem, (first_block + b) * cfg.block_m,
-                              row_start, row_end, cfg)
+          _mask_outside_group(lhs_smem, rhs_smem, _block_row0(first_row, b, cfg),
+                              row_start, row_end, total, cfg)
           plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
           if cfg.max_concurrent_steps == 1:
             # Without a second buffer the slot must be free before the next load.
@@ -156,11 +168,11 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
               step,
               grid=(num_blocks,),
               in_specs=[
-                  plgpu.BlockSpec((cfg.block_m, cfg.block_k),
-                                  lambda b: (first_block + b, k_tile),
+                  plgpu.BlockSpec((pl.Element(cfg.block_m), cfg.block_k),
+                                  lambda b: (_block_row0(first_row, b, cfg), k_tile),
                                   transforms=lhs_transforms, delay_release=release),
-                  plgpu.BlockSpec((cfg.block_m, cfg.block_n),
-                                  lambda b: (first_block + b, n_tile),
+                  plgpu.BlockSpec((pl.Element(cfg.block_m), cfg.block_n),
+                                  lambda b: (_block_row0(first_row, b, cfg), n_tile),
                                   transforms=rhs_transforms, delay_release=release),
               ],
               max_concurrent_steps=cfg.max_concurrent_steps,
@@ -173,7 +185,7 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_gmem,
+def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
                     lhs_gmem, rhs_gmem, out_gmem, *, cfg):
   """Warp-specialised tgmm (cfg.warp_specialized): the last warpgroup loads,
   cfg.num_compute_wgs consumer warpgroups compute.
@@ -207,7 +219,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
                           transforms=_smem_transforms(bk, lhs_gmem.dtype)),
       rhs_smem=plgpu.SMEM((slots, bm, cta_n), rhs_gmem.dtype,
                           transforms=_smem_transforms(cta_n, rhs_gmem.dtype)),
-      o_smem=plgpu.SMEM((num_consumers, bk, bn), out_gmem.dtype,
+      o_smem=plgpu.SMEM((num_consumers, cfg.staged_rows, bn), out_gmem.dtype,
                         transforms=_smem_transforms(bn, out_gmem.dtype)),
       produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
       consumed=plgpu.Barrier(num_arrivals=num_consumers, num_barriers=slots),
@@ -221,12 +233,12 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
     @pl.when(wg == num_consumers)
     def _producer():
       def produce(g, k_tile, n_tile, t):
-        first_block = first_block_gmem[g]
+        first_row = first_row_gmem[g]
 
         def step(b, t):
           slot = lax.rem(t, slots)
           pl.when(t >= slots)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-          rows = pl.ds((first_block + b) * bm, bm)
+          rows = pl.ds(_block_row0(first_row, b, cfg), bm)
           plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
                                   lhs_smem.at[slot], produced.at[slot])
           plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * cta_n, cta_n)],
@@ -243,17 +255,19 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
 
     @pl.when(wg < num_consumers)
     def _consumer():
+      total = row_end_gmem[num_groups - 1]
+
       def consume(g, k_tile, n_tile, t):
         row_start, row_end = row_start_gmem[g], row_end_gmem[g]
-        first_block = first_block_gmem[g]
+        first_row = first_row_gmem[g]
 
         def acc_scope(acc_ref):
           def step(b, t):
             slot = lax.rem(t, slots)
             plgpu.barrier_wait(produced.at[slot])
             lhs_slot, rhs_slot = lhs_smem.at[slot], rhs_smem.at[slot]
-            block_row0 = (first_block + b) * bm
-            _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, cfg,
+            block_row0 = _block_row0(first_row, b, cfg)
+            _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, total, cfg,
                                 wg=wg, masked=None if masked is None else masked.at[slot])
             plgpu.wgmma(acc_ref, lhs_slot.T, rhs_slot.at[:, pl.ds(wg * bn, bn)])
             # One wgmma stays in flight: the previous one is done, free its slot.
@@ -278,16 +292,20 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_block_gmem, num_blocks_g
 
 
 def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
-  """out_g[k-tile, n-tile] = acc via o_smem; the store drains under the next item.
+  """out_g[k-tile, n-tile] = acc via o_smem, in block_k / staged_rows passes; the
+  last pass's store drains under the next item.
 
-  Waits first for the previous item's store to have read o_smem.
+  Each pass waits first for the previous store to have read o_smem.
   """
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  o_smem[...] = acc.astype(o_smem.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(
-      o_smem, out_g.at[pl.ds(k_tile * cfg.block_k, cfg.block_k),
-                       pl.ds(n_tile * cfg.block_n, cfg.block_n)])
+  tile = acc.astype(o_smem.dtype)
+  rows = cfg.staged_rows
+  for c in range(cfg.block_k // rows):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    o_smem[...] = tile if rows == cfg.block_k else tile[c * rows:(c + 1) * rows]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + c * rows, rows),
+                         pl.ds(n_tile * cfg.block_n, cfg.block_n)])
 
 
 def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

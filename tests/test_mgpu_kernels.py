@@ -4,6 +4,8 @@ float64 NumPy reference at small sizes, and the real kernels lowered for `cuda`
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +126,9 @@ def test_tgmm_interpret(m, k, n, sizes, dtype, out_dtype, cfg=None):
   lhs = np.asarray(rng.standard_normal((m, k)), np.float32)
   lhs[sum(sizes):] = np.nan  # rows past the sum are ignored, NaN or not
   lhs = jnp.asarray(lhs, dtype)
-  rhs = _random(rng, (m, n), dtype)
+  rhs = np.asarray(rng.standard_normal((m, n)), np.float32)
+  rhs[sum(sizes):] = np.nan
+  rhs = jnp.asarray(rhs, dtype)
   out = tgmm_mgpu(lhs, rhs, jnp.asarray(sizes, jnp.int32), out_dtype=out_dtype,
                   interpret=True, config=cfg)
   assert out.shape == (len(sizes), k, n) and out.dtype == out_dtype
@@ -172,6 +176,17 @@ def test_tgmm_interpret_two_consumers(m, k, n, sizes, out_dtype, sms, monkeypatc
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=TGMM_TWO_CONSUMERS)
 
 
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,sms", [
+    (200, 128, 128, [50, 0, 90, 30], jnp.float32, 3),
+    (392, 256, 128, [0, 130, 7, 0, 1, 200], jnp.bfloat16, 2),
+])
+def test_tgmm_interpret_epilogue_in_halves(m, k, n, sizes, out_dtype, sms, monkeypatch):
+  """Each output tile goes out in two 64-row passes through one staging buffer."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  cfg = dataclasses.replace(TGMM_TWO_CONSUMERS, epilogue_rows=64)
+  test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
+
+
 def _lower_for_h100(fn, *avals):
   mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
   with jax.sharding.use_abstract_mesh(mesh):
@@ -205,16 +220,17 @@ def test_gmm_lowers_for_h100_many_groups():
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dtype,ws,consumers", [
-    (jnp.bfloat16, False, 1), (jnp.float16, False, 1), (jnp.bfloat16, True, 1),
-    (jnp.bfloat16, True, 2)])
-def test_tgmm_lowers_for_h100(dtype, ws, consumers):
+@pytest.mark.parametrize("dtype,out_dtype,ws,consumers,epilogue_rows", [
+    (jnp.bfloat16, jnp.float32, False, 1, None), (jnp.float16, jnp.float32, False, 1, None),
+    (jnp.bfloat16, jnp.float32, True, 1, None), (jnp.bfloat16, jnp.float32, True, 2, None),
+    (jnp.bfloat16, jnp.bfloat16, True, 2, 64)])
+def test_tgmm_lowers_for_h100(dtype, out_dtype, ws, consumers, epilogue_rows):
   m, k, n, g = 4096, 1024, 1024, 64
   cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128, warp_specialized=ws,
-                              max_concurrent_steps=4 if consumers == 1 else 2,
-                              num_compute_wgs=consumers)
+                              max_concurrent_steps=4 if consumers == 1 or epilogue_rows else 2,
+                              num_compute_wgs=consumers, epilogue_rows=epilogue_rows)
   text = _lower_for_h100(
-      lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=jnp.float32, config=cfg),
+      lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=out_dtype, config=cfg),
       jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
       jax.ShapeDtypeStruct((g,), jnp.int32))
   assert "mosaic_gpu" in text
@@ -254,9 +270,36 @@ def test_config_validates_itself():
   with pytest.raises(NotImplementedError, match="2\\*block_n=256"):
     config_lib.TgmmConfig(64, 128, 128, 3, warp_specialized=True,
                           num_compute_wgs=2).validate_for(1024, 384)
+  with pytest.raises(ValueError, match="epilogue_rows"):
+    config_lib.TgmmConfig(block_k=128, epilogue_rows=96)
   # Two consumers need 16-bit outputs (a float32 staging tile leaves 2 slots).
   assert config_lib.tgmm_config(16384, 4096, 2048, 8).num_compute_wgs == 2
   assert config_lib.tgmm_config(16384, 4096, 2048, 8, out_itemsize=4).num_compute_wgs == 1
+  # Halved epilogue and a 4th slot only when groups average >= 256 rows.
+  assert config_lib.tgmm_config(16384, 4096, 2048, 64).staged_rows == 64
+  assert config_lib.tgmm_config(32768, 7168, 2048, 256).staged_rows == 128
+
+
+def test_tgmm_metadata_covers_each_group_from_an_8_aligned_row():
+  rng = np.random.default_rng(3)
+  metadata = jax.jit(metadata_lib.tgmm_metadata, static_argnums=(1, 2))
+  for trial in range(40):
+    m, g = ((40, 3), (200, 9), (520, 37), (1024, 256))[trial % 4]
+    used = int(rng.integers(0, m + 1))
+    sizes = np.diff(np.r_[0, np.sort(rng.integers(0, used + 1, g - 1)), used])
+    start, end, first_row, num_blocks = map(
+        np.asarray, metadata(jnp.asarray(sizes, jnp.int32), m, 64).arrays())
+    ends = np.cumsum(sizes)
+    np.testing.assert_array_equal(end, ends)
+    np.testing.assert_array_equal(start, ends - sizes)
+    assert (first_row % 8 == 0).all() and (start - 7 <= first_row).all()
+    assert (first_row <= start).all()
+    # Just enough blocks to reach the group's end; none for an empty group.
+    covered = first_row + 64 * num_blocks
+    nonempty = sizes > 0
+    assert (covered[nonempty] >= end[nonempty]).all()
+    assert (covered[nonempty] - 64 < end[nonempty]).all()
+    assert (num_blocks[~nonempty] == 0).all()
 
 
 @pytest.mark.parametrize("block_m", [64, 128])
