@@ -34,10 +34,15 @@ def interleaved_ms(fns: dict, rounds: int = 5, calls: int = 40, repeats: int = 3
   Each round times every function in turn (`time_ms`, which warms it up first, so
   compilation happens in the first round, untimed), so all of them see the same
   clock and power state; one function's run-to-run drift (the dense anchor alone
-  read 675-795 TF/s across runs on one H100) does not bias the ratios.
+  read 675-795 TF/s across runs on one H100) does not bias the ratios. Round r
+  starts at the r-th function (a rotation), because a function reads a few
+  percent slower right after heavy ones (the same tgmm kernel read 2-4 % lower
+  third in a round than second).
   """
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, (fn, args) in fns.items():
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, args = fns[name]
       times[name].append(time_ms(fn, *args, calls=calls, repeats=repeats))
   return {name: statistics.median(t) for name, t in times.items()}
