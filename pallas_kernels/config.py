@@ -185,10 +185,6 @@ class TgmmConfig:
       raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
     if self.num_compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
-    if self.block_k % (64 * self.num_compute_wgs):
-      # Each consumer masks its own 64-column share of a boundary block's lhs tile.
-      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} needs block_k a "
-                       f"multiple of {64 * self.num_compute_wgs}, got {self.block_k}.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
     if self.epilogue_rows is not None and (

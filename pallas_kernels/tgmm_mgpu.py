@@ -25,9 +25,10 @@ In a block that straddles the group's bounds, the other rows are set to zero in
 shared memory before the wgmma reads them: in lhs only (0 * x = 0 for the
 finite rows of other groups), and also in rhs where the block reaches past
 sum(group_sizes), so that a NaN in a padding row cannot leak in through
-0 * NaN. Two consumers each mask a share of the lhs tile and meet at a barrier
-first. Output tiles go out by TMA (config.epilogue_rows rows at a time) and the
-last store of a tile is left in flight over the next item's main loop.
+0 * NaN. In the warp-specialised kernel the producer warpgroup masks, a few
+steps behind its loads, so the consumers never stop for it. Output tiles go out
+by TMA (config.epilogue_rows rows at a time) and the last store of a tile is
+left in flight over the next item's main loop.
 """
 
 from __future__ import annotations
@@ -78,42 +79,20 @@ def _mask_rows(x_smem, block_row0, row_start, row_end):
   x_smem[...] = jnp.where(keep, x, jnp.zeros_like(x))
 
 
-def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, total,
-                        cfg, *, wg=0, masked=None):
-  """In a row block that straddles the group's bounds, zeroes the other rows of
-  lhs, and of rhs too where the block reaches the padding rows past `total`
-  (which may hold NaN: 0 * NaN would leak it).
+def _straddles(block_row0, row_start, row_end, cfg):
+  """Whether a row block holds rows outside the group's [row_start, row_end)."""
+  return (block_row0 < row_start) | (block_row0 + cfg.block_m > row_end)
 
-  With cfg.num_compute_wgs = C consumers of one slot, consumer `wg` masks columns
-  [wg, wg+1) * block_k/C of the shared lhs tile (and its own block_n columns of
-  rhs), then all meet at the slot's `masked` barrier, so that no wgmma reads the
-  lhs tile before every share of it is masked. One consumer masks them whole.
+
+def _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start, row_end, total, cfg):
+  """Zeroes the rows of a straddling block outside the group: in lhs, and in rhs
+  too where the block reaches the padding rows past `total` (which may hold NaN:
+  0 * NaN would leak it); then fences them for the wgmma (the async proxy).
   """
-  consumers = cfg.num_compute_wgs
-  share = cfg.block_k // consumers
-  block_row_end = block_row0 + cfg.block_m
-  straddles = (block_row0 < row_start) | (block_row_end > row_end)
-
-  def mask_share(c):
-    lhs, rhs = lhs_smem, rhs_smem
-    if consumers > 1:
-      lhs = lhs.at[:, pl.ds(c * share, share)]
-      rhs = rhs.at[:, pl.ds(c * cfg.block_n, cfg.block_n)]
-    _mask_rows(lhs, block_row0, row_start, row_end)
-    pl.when(block_row_end > total)(
-        lambda: _mask_rows(rhs, block_row0, row_start, row_end))
-
-  @pl.when(straddles)
-  def _():
-    if consumers == 1:
-      mask_share(0)
-    else:
-      for c in range(consumers):  # Static slices: one branch per consumer.
-        pl.when(wg == c)(functools.partial(mask_share, c))
-    plgpu.commit_smem()
-    if consumers > 1:
-      plgpu.barrier_arrive(masked)
-      plgpu.barrier_wait(masked)
+  _mask_rows(lhs_smem, block_row0, row_start, row_end)
+  pl.when(block_row0 + cfg.block_m > total)(
+      lambda: _mask_rows(rhs_smem, block_row0, row_start, row_end))
+  plgpu.commit_smem()
 
 
 def _block_row0(first_row, b, cfg):
@@ -153,8 +132,10 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
         def step(idx, lhs_smem, rhs_smem):
           (b,) = idx
 
-          _mask_outside_group(lhs_smem, rhs_smem, _block_row0(first_row, b, cfg),
-                              row_start, row_end, total, cfg)
+          block_row0 = _block_row0(first_row, b, cfg)
+          pl.when(_straddles(block_row0, row_start, row_end, cfg))(
+              lambda: _mask_outside_group(lhs_smem, rhs_smem, block_row0, row_start,
+                                          row_end, total, cfg))
           plgpu.wgmma(acc_ref, lhs_smem.T, rhs_smem)
           if cfg.max_concurrent_steps == 1:
             # Without a second buffer the slot must be free before the next load.
@@ -187,16 +168,21 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
 
 def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
                     lhs_gmem, rhs_gmem, out_gmem, *, cfg):
-  """Warp-specialised tgmm (cfg.warp_specialized): the last warpgroup loads,
-  cfg.num_compute_wgs consumer warpgroups compute.
+  """Warp-specialised tgmm (cfg.warp_specialized): the last warpgroup loads and
+  masks, cfg.num_compute_wgs consumer warpgroups compute.
 
   All walk the same (group, k-tile, n-tile) items and count their row blocks
   with one running step t across items; step t uses ring slot t % S. The
   producer waits for every consumer to release a slot (`consumed`) before it
-  reloads it, and the consumers wait for the slot's loads (`produced`), so the
-  loads of an item's first blocks overlap the previous item's last wgmmas and
-  its store. With two consumers, consumer c computes columns
-  [c, c+1) * block_n of the item's block_k x (2*block_n) tile.
+  reloads it, so the loads of an item's first blocks overlap the previous
+  item's last wgmmas and its store. The consumers wait for a block's loads
+  (`produced`), or, for a block that straddles the group's bounds, for the
+  producer to have masked it (`masked`): the producer loads such a block
+  against its own barrier (`landed`), and S-1 steps later, when the load has
+  most likely landed, waits for it, masks it and signals `masked`. So the
+  masking runs beside the consumers' wgmmas, not in their way. With two
+  consumers, consumer c computes columns [c, c+1) * block_n of the item's
+  block_k x (2*block_n) tile.
   """
   num_groups = out_gmem.shape[0]
   k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
@@ -204,11 +190,12 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
   num_consumers = cfg.num_compute_wgs
   slots = cfg.max_concurrent_steps
   grid_k, grid_n = k // bk, n // cta_n
+  total = row_end_gmem[num_groups - 1]
 
-  def for_each_item(body):
-    """body(g, k_tile, n_tile, t) -> t over this SM's items; t counts row blocks."""
+  def for_each_item(body, init_carry):
+    """body(g, k_tile, n_tile, carry) -> carry over this SM's items."""
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm",
-                   init_carry=jnp.int32(0))
+                   init_carry=init_carry)
     def _item_loop(loop_info: plgpu.NDLoopInfo, carry):
       return body(*_item_tiles(loop_info, grid_k, grid_n, cfg), carry)
     return _item_loop
@@ -222,41 +209,68 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
       o_smem=plgpu.SMEM((num_consumers, cfg.staged_rows, bn), out_gmem.dtype,
                         transforms=_smem_transforms(bn, out_gmem.dtype)),
       produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+      landed=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+      masked=plgpu.Barrier(num_arrivals=1, num_barriers=slots),
       consumed=plgpu.Barrier(num_arrivals=num_consumers, num_barriers=slots),
-      masked=(plgpu.Barrier(num_arrivals=num_consumers, num_barriers=slots)
-              if num_consumers > 1 else None),
       collective_axes="wg",
   )
-  def _(lhs_smem, rhs_smem, o_smem, produced, consumed, masked):
+  def _(lhs_smem, rhs_smem, o_smem, produced, landed, masked, consumed):
     wg = lax.axis_index("wg")
 
     @pl.when(wg == num_consumers)
     def _producer():
-      def produce(g, k_tile, n_tile, t):
+      def mask_pending(block):
+        """Masks a block loaded S-1 steps ago if it straddles its group's bounds."""
+        is_straddling, slot, block_row0, row_start, row_end = block
+
+        @pl.when(is_straddling != 0)
+        def _():
+          plgpu.barrier_wait(landed.at[slot])
+          _mask_outside_group(lhs_smem.at[slot], rhs_smem.at[slot], block_row0,
+                              row_start, row_end, total, cfg)
+          plgpu.barrier_arrive(masked.at[slot])
+
+      def produce(g, k_tile, n_tile, carry):
+        row_start, row_end = row_start_gmem[g], row_end_gmem[g]
         first_row = first_row_gmem[g]
 
-        def step(b, t):
+        def step(b, carry):
+          t, pending = carry
+          # Block t - (S-1), loaded S-1 steps ago (so most likely landed by now),
+          # is masked before the wait for slot t's release: the consumers need it
+          # before they release that slot.
+          mask_pending(pending[0])
           slot = lax.rem(t, slots)
           pl.when(t >= slots)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-          rows = pl.ds(_block_row0(first_row, b, cfg), bm)
-          plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
-                                  lhs_smem.at[slot], produced.at[slot])
-          plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * cta_n, cta_n)],
-                                  rhs_smem.at[slot], produced.at[slot])
-          return t + 1
+          block_row0 = _block_row0(first_row, b, cfg)
+          rows = pl.ds(block_row0, bm)
+          straddles = _straddles(block_row0, row_start, row_end, cfg)
 
-        return lax.fori_loop(0, num_blocks_gmem[g], step, t)
+          def load(barrier):
+            plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
+                                    lhs_smem.at[slot], barrier.at[slot])
+            plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * cta_n, cta_n)],
+                                    rhs_smem.at[slot], barrier.at[slot])
 
-      total = for_each_item(produce)
+          pl.when(straddles)(lambda: load(landed))
+          pl.when(~straddles)(lambda: load(produced))
+          block = (straddles.astype(jnp.int32), slot, block_row0, row_start, row_end)
+          return t + 1, (*pending[1:], block)
+
+        return lax.fori_loop(0, num_blocks_gmem[g], step, carry)
+
+      zero = jnp.int32(0)
+      # The last S-1 blocks loaded, oldest first (all-zero entries mask nothing).
+      steps, pending = for_each_item(produce, (zero, ((zero,) * 5,) * (slots - 1)))
+      for block in pending:
+        mask_pending(block)
       # Observe the last releases, so no barrier is left with an unseen phase.
       for i in range(slots):
-        t = total - slots + i
+        t = steps - slots + i
         pl.when(t >= 0)(lambda t=t: plgpu.barrier_wait(consumed.at[lax.rem(t, slots)]))
 
     @pl.when(wg < num_consumers)
     def _consumer():
-      total = row_end_gmem[num_groups - 1]
-
       def consume(g, k_tile, n_tile, t):
         row_start, row_end = row_start_gmem[g], row_end_gmem[g]
         first_row = first_row_gmem[g]
@@ -264,12 +278,11 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
         def acc_scope(acc_ref):
           def step(b, t):
             slot = lax.rem(t, slots)
-            plgpu.barrier_wait(produced.at[slot])
-            lhs_slot, rhs_slot = lhs_smem.at[slot], rhs_smem.at[slot]
-            block_row0 = _block_row0(first_row, b, cfg)
-            _mask_outside_group(lhs_slot, rhs_slot, block_row0, row_start, row_end, total, cfg,
-                                wg=wg, masked=None if masked is None else masked.at[slot])
-            plgpu.wgmma(acc_ref, lhs_slot.T, rhs_slot.at[:, pl.ds(wg * bn, bn)])
+            straddles = _straddles(_block_row0(first_row, b, cfg), row_start, row_end, cfg)
+            pl.when(straddles)(lambda: plgpu.barrier_wait(masked.at[slot]))
+            pl.when(~straddles)(lambda: plgpu.barrier_wait(produced.at[slot]))
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot].T,
+                        rhs_smem.at[slot].at[:, pl.ds(wg * bn, bn)])
             # One wgmma stays in flight: the previous one is done, free its slot.
             plgpu.wgmma_wait(1)
             pl.when(b > 0)(lambda: plgpu.barrier_arrive(consumed.at[lax.rem(t - 1, slots)]))
@@ -287,7 +300,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
                     n_tile * num_consumers + wg, cfg)
         return t
 
-      for_each_item(consume)
+      for_each_item(consume, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
