@@ -220,10 +220,16 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
     @pl.when(wg == num_consumers)
     def _producer():
       def mask_pending(block):
-        """Masks a block loaded S-1 steps ago if it straddles its group's bounds."""
-        is_straddling, slot, block_row0, row_start, row_end = block
+        """Masks a block loaded S-1 steps ago if it straddles its group's bounds.
 
-        @pl.when(is_straddling != 0)
+        `block` is (loaded, slot, group, block index), loop indices only (under
+        shard_map a value loaded from memory would change the carry's type).
+        """
+        loaded, slot, g, b = block
+        row_start, row_end = row_start_gmem[g], row_end_gmem[g]
+        block_row0 = _block_row0(first_row_gmem[g], b, cfg)
+
+        @pl.when((loaded != 0) & _straddles(block_row0, row_start, row_end, cfg))
         def _():
           plgpu.barrier_wait(landed.at[slot])
           _mask_outside_group(lhs_smem.at[slot], rhs_smem.at[slot], block_row0,
@@ -254,14 +260,13 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
 
           pl.when(straddles)(lambda: load(landed))
           pl.when(~straddles)(lambda: load(produced))
-          block = (straddles.astype(jnp.int32), slot, block_row0, row_start, row_end)
-          return t + 1, (*pending[1:], block)
+          return t + 1, (*pending[1:], (jnp.int32(1), slot, g, b))
 
         return lax.fori_loop(0, num_blocks_gmem[g], step, carry)
 
       zero = jnp.int32(0)
-      # The last S-1 blocks loaded, oldest first (all-zero entries mask nothing).
-      steps, pending = for_each_item(produce, (zero, ((zero,) * 5,) * (slots - 1)))
+      # The last S-1 blocks loaded, oldest first (entries not loaded mask nothing).
+      steps, pending = for_each_item(produce, (zero, ((zero,) * 4,) * (slots - 1)))
       for block in pending:
         mask_pending(block)
       # Observe the last releases, so no barrier is left with an unseen phase.
