@@ -334,7 +334,10 @@ def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   Args:
     lhs: [M, K] bf16 or fp16, rows sorted by group.
     rhs: [M, N], same dtype and row order.
-    group_sizes: int32 [G]; sum(group_sizes) <= M; rows past the sum are ignored.
+    group_sizes: int32 [G]; sum(group_sizes) <= M; rows past the sum are ignored
+      (they may hold anything, NaN too). A non-finite rhs value in a group's
+      first or last 64-row block can reach the neighbouring group's result
+      (its rows are zeroed in lhs only).
     out_dtype: bf16, fp16 or f32 (default lhs.dtype); accumulation is float32.
     interpret: run the same kernel in the Pallas Mosaic GPU interpreter (CPU).
     config: block sizes; default `config.tgmm_config(M, K, N, G)`.
