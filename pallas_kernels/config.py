@@ -42,8 +42,34 @@ def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
         f"and {out_itemsize}-byte outputs (at most {SMEM_BYTES}).")
 
 
+class _ConsumerTiles:
+  """What GmmConfig and TgmmConfig share: num_compute_wgs consumer warpgroups side
+  by side along N, and an output tile of getattr(self, _TILE_ROWS) rows that the
+  epilogue stages epilogue_rows (or all of them) at a time."""
+  _TILE_ROWS: str
+
+  @property
+  def cta_block_n(self) -> int:
+    """Output columns of one work item (all consumer warpgroups together)."""
+    return self.block_n * self.num_compute_wgs
+
+  @property
+  def staged_rows(self) -> int:
+    """Rows of each consumer's epilogue staging buffer."""
+    return self.epilogue_rows or getattr(self, self._TILE_ROWS)
+
+  def _check_consumers_and_epilogue(self, rows_multiple: int) -> None:
+    if self.num_compute_wgs not in (1, 2):
+      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    tile_rows = getattr(self, self._TILE_ROWS)
+    if self.epilogue_rows is not None and (
+        self.epilogue_rows % rows_multiple or tile_rows % self.epilogue_rows):
+      raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of "
+                       f"{rows_multiple} that divides {self._TILE_ROWS}={tile_rows}.")
+
+
 @dataclasses.dataclass(frozen=True)
-class GmmConfig:
+class GmmConfig(_ConsumerTiles):
   """Tiling of `gmm_mgpu`: out [M, N] in tiles of block_m x block_n, K in block_k steps.
 
   Attributes:
@@ -75,16 +101,7 @@ class GmmConfig:
   num_compute_wgs: int = 1
   chain_items: bool = False
   epilogue_rows: int | None = None
-
-  @property
-  def cta_block_n(self) -> int:
-    """Output columns of one work item (all consumer warpgroups together)."""
-    return self.block_n * self.num_compute_wgs
-
-  @property
-  def staged_rows(self) -> int:
-    """Rows of the epilogue's staging buffer."""
-    return self.epilogue_rows or self.block_m
+  _TILE_ROWS = "block_m"
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -98,15 +115,10 @@ class GmmConfig:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
-    if self.num_compute_wgs not in (1, 2):
-      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    self._check_consumers_and_epilogue(rows_multiple=8)
     if self.chain_items and self.num_compute_wgs == 1:
       raise ValueError("chain_items=True needs the warp-specialised kernel "
                        "(num_compute_wgs=2).")
-    if (self.epilogue_rows is not None
-        and (self.epilogue_rows % 8 or self.block_m % self.epilogue_rows)):
-      raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of 8 "
-                       f"that divides block_m={self.block_m}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
@@ -131,7 +143,7 @@ class GmmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TgmmConfig:
+class TgmmConfig(_ConsumerTiles):
   """Tiling of `tgmm_mgpu`: out [G, K, N] in block_k x block_n tiles, rows in block_m steps.
 
   Attributes:
@@ -162,16 +174,7 @@ class TgmmConfig:
   warp_specialized: bool = False
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
-
-  @property
-  def cta_block_n(self) -> int:
-    """Output columns of one work item (all consumer warpgroups together)."""
-    return self.block_n * self.num_compute_wgs
-
-  @property
-  def staged_rows(self) -> int:
-    """Rows of each consumer's epilogue staging buffer."""
-    return self.epilogue_rows or self.block_k
+  _TILE_ROWS = "block_k"
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -186,16 +189,11 @@ class TgmmConfig:
     if self.warp_specialized and self.max_concurrent_steps < 2:
       raise ValueError("warp_specialized=True keeps one wgmma in flight while it "
                        "waits for the next slot: max_concurrent_steps must be >= 2.")
-    if self.num_compute_wgs not in (1, 2):
-      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    self._check_consumers_and_epilogue(rows_multiple=64)
     if self.num_compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
-    if self.epilogue_rows is not None and (
-        self.epilogue_rows % 64 or self.block_k % self.epilogue_rows):
-      raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of 64 "
-                       f"that divides block_k={self.block_k}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
