@@ -94,8 +94,8 @@ class DSReLUEpilogue(_RowScaledEpilogue):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     rows = pl.ds(pl.multiple_of(where["tile_row0"], 8), cfg.block_m)
     cols = pl.ds(where["n_tile"] * cfg.block_n, cfg.block_n)
-    _load_rows(h_gmem.at[rows, cols], o_smem, barriers[1])
-    h = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    _load_rows(h_gmem.at[rows, cols], o_smem.plain, barriers[1])
+    h = plgpu.load(o_smem.plain, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     dh, dp = srelu_mgpu.dsrelu_tile(acc, h, p)
     dp_smem[...] = dp
     gmm_mgpu.store_rows(dh.astype(dh_gmem.dtype), o_smem, dh_gmem, **where)

@@ -17,10 +17,11 @@ Design:
     config.chain_items the warp-specialised kernel runs all of an SM's compute
     items as one chain of pipelines (`pipeline_state`), so the producer loads
     the next item's first tiles while the consumers store the current one.
-  * `store_rows` writes only the item's rows of the tile, with a ladder of TMA
-    stores (see there), staged through shared memory in passes of
-    config.epilogue_rows rows, and leaves them in flight over the next item's
-    main loop. Padding items skip the main loop and store the zero accumulator, so
+  * `store_rows` writes only the item's rows of the tile, staged through
+    shared memory in passes of config.epilogue_rows rows: one TMA store from a
+    swizzled buffer where the pass's rows are all the item's, else a ladder of
+    TMA stores (see there); it leaves them in flight over the next item's main
+    loop. Padding items skip the main loop and store the zero accumulator, so
     every output row is written by the kernel and no wrapper pass over the
     output is needed.
   * The epilogue is an `Epilogue` object, so that a fused epilogue (a scale
@@ -33,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,24 +152,53 @@ def _mainloop(acc_ref, lhs_gmem, rhs_gmem, where, *, cfg, transpose_rhs):
   )(lhs_gmem, rhs_gmem)
 
 
-def store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
+class Staging(NamedTuple):
+  """One consumer's epilogue staging buffer [staged_rows, block_n], seen two ways
+  over the same shared memory (each pass writes it through one of them):
+
+  swizzled: registers fill it without shared-memory bank conflicts, and a chunk
+    whose rows all belong to the item leaves by one TMA store;
+  plain: row-major, so that TMA can store row slices of it that start at any
+    row, for chunks at a group's bounds. (The accumulator's layout writes it
+    with 8-way bank conflicts.)
+  """
+  plain: Any
+  swizzled: Any
+
+  def of_consumer(self, wg) -> Staging:
+    """Consumer wg's buffer, of a Staging with a leading warpgroup axis."""
+    return Staging(self.plain.at[wg], self.swizzled.at[wg])
+
+
+def staging_smem(shape: tuple[int, ...], dtype) -> plgpu.RefUnion:
+  """The shared memory of a Staging of `shape`: both views of one buffer."""
+  swizzled = plgpu.SMEM(shape, dtype, transforms=_smem_transforms(shape[-1], dtype))
+  return plgpu.RefUnion(plgpu.SMEM(shape, dtype), swizzled)
+
+
+def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
 
-  The tile goes out through o_smem ([cfg.staged_rows, block_n]), in block_m /
-  staged_rows passes that skip row chunks with nothing to store. The stores of a
-  pass are not awaited here: the next item's main loop runs while the last ones
-  drain, and each pass waits for the previous stores before it overwrites o_smem.
+  The tile goes out through `staging` (a Staging of staged_rows rows), in
+  block_m / staged_rows passes that skip row chunks with nothing to store. The
+  stores of a pass are not awaited here: the next item's main loop runs while
+  the last ones drain, and each pass waits for the previous stores before it
+  overwrites the buffer.
 
-  TMA stores have static shapes but the row count is only known at run time,
-  so the rows of a pass go out as a ladder of power-of-two TMA stores, one per
-  set bit of the count (as in JAX's ragged_dot_mgpu). E.g. 5 rows from smem row 3:
+  A chunk whose rows all belong to the item goes out through the swizzled view
+  in one TMA store. Otherwise, since TMA stores have static shapes but the row
+  count is only known at run time, the rows go out of the plain view as a ladder
+  of power-of-two TMA stores, one per set bit of the count (as in JAX's
+  ragged_dot_mgpu). E.g. 5 rows from smem row 3:
 
       smem rows  3..6   one store of 4 rows   (bit 2 of 5)
       smem row   7      one store of 1 row    (bit 0 of 5)
 
   Other items write the tile's other rows (other groups or the padding).
   """
+  o_smem = staging.plain
   chunk = o_smem.shape[0]
+  whole_chunks = chunk <= out_gmem.shape[0]
   n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
   for c in range(cfg.block_m // chunk):
     chunk_row0 = tile_row0 + c * chunk
@@ -175,7 +206,17 @@ def store_rows(tile, o_smem, out_gmem, *, tile_row0, row_start, row_end, n_tile,
     count = jnp.minimum(row_end, chunk_row0 + chunk) - start
     rows_of_chunk = tile if chunk == cfg.block_m else tile[c * chunk:(c + 1) * chunk]
 
-    @pl.when(count > 0)
+    if whole_chunks:
+      @pl.when(count == chunk)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        staging.swizzled[...] = rows_of_chunk
+        plgpu.commit_smem()
+        # tile_row0 is a multiple of 8 (metadata.py), as the swizzled copy needs.
+        rows = pl.ds(pl.multiple_of(chunk_row0, 8), chunk)
+        plgpu.copy_smem_to_gmem(staging.swizzled, out_gmem.at[rows, n_slice])
+
+    @pl.when(((count > 0) & (count < chunk)) if whole_chunks else (count > 0))
     def _():
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       o_smem[...] = rows_of_chunk
@@ -204,7 +245,7 @@ class Epilogue:
   use per-warpgroup scratch (`scratch`: shared-memory shapes and a barrier count).
 
   `__call__` gets, for one compute warpgroup: the accumulator [block_m, block_n],
-  o_smem (a [block_m, block_n] staging buffer of the output dtype), the extra
+  o_smem (a `Staging` buffer of the output dtype), the extra
   input refs, the output refs, this warpgroup's scratch refs and barriers, the
   item index and `where` (tile_row0, row_start, row_end, n_tile, cfg).
   """
@@ -288,9 +329,10 @@ def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.block_n), dtype=out_dtype),
+      o_smem=staging_smem((cfg.staged_rows, cfg.block_n), out_dtype),
       **_epilogue_scratch(epilogue, cfg, 1))
   def _(o_smem, epi_smem, epi_barriers):
+    o_smem = Staging(*o_smem)
     scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, 0)
 
     def item_body(item, n_tile):
@@ -372,11 +414,12 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
           lhs_gmem, rhs_gmem.at[0]),
-      o_smem=plgpu.SMEM((cfg.num_compute_wgs, cfg.staged_rows, bn), dtype=out_dtype),
+      o_smem=staging_smem((cfg.num_compute_wgs, cfg.staged_rows, bn), out_dtype),
       **_epilogue_scratch(epilogue, cfg, cfg.num_compute_wgs),
       collective_axes="wg",
   )
   def _(pipeline_allocs, o_smem, epi_smem, epi_barriers):
+    o_smem = Staging(*o_smem)
     wg = lax.axis_index("wg")
     is_consumer = wg < cfg.num_compute_wgs
     scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
@@ -391,7 +434,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
         def _(acc_ref):
           eval_pipeline(acc_ref)
-          epilogue(acc_ref[...], o_smem.at[wg], ins, outs, scratch, barriers,
+          epilogue(acc_ref[...], o_smem.of_consumer(wg), ins, outs, scratch, barriers,
                    item=item, where=where)
 
       def mma(_, lhs_smem, rhs_smem, acc_ref):
@@ -412,7 +455,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
 
     def zero_item(item, n_cta):  # Padding rows: zeros, written by the consumers.
       zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
-      epilogue(zeros, o_smem.at[wg], ins, outs, scratch, barriers, item=item,
+      epilogue(zeros, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
                where=where_of(item, n_cta))
 
     if cfg.chain_items:
