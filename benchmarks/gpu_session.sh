@@ -15,7 +15,7 @@ run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
   tail -n 12 "$out/$name.log"
 }
 for s in $sections; do case $s in
-  tests) run gpu_tests 420 python -m pytest -m gpu tests -q -x -p no:cacheprovider ;;
+  tests) run gpu_tests 560 python -m pytest -m gpu tests -q -x -p no:cacheprovider ;;  # ~510 s (session 9)
   demo)
     run demo_device 150 python -m jaxmoe.demo --preset gpu --steps 30 --offload-names none
     run demo_offload 150 python -m jaxmoe.demo --preset gpu --steps 30 --hlo-out "$out/demo_offload.hlo"
