@@ -142,14 +142,17 @@ def test_gpu_stack_matches_nnx_scan_and_offloads():
   from jaxmoe import hlo_report
   stack = _stack(4, backend="auto", dtype=jnp.bfloat16, hidden=1024, ffn=2048)
   x = jax.random.normal(jax.random.key(0), (4096, 1024), jnp.bfloat16)
-  expected = jax.tree.leaves(_loss_and_grads(stack, x, pipelined=False))
+  expected = jax.tree_util.tree_leaves_with_path(_loss_and_grads(stack, x, pipelined=False))
   got = jax.tree.leaves(_loss_and_grads(stack, x, pipelined=True))
   # Not bitwise: XLA's scatter-adds (the gather's transpose) use atomics on a GPU, so
-  # two runs of one program differ in the last bits too.
-  for g, e in zip(got, expected):
+  # two runs of one program differ in the last bits too. (On an H100 the worst leaf
+  # read 0.9-1.2e-3 over four inputs.)
+  for (path, e), g in zip(expected, got):
     g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
-    assert np.all(np.isfinite(g))
-    assert np.linalg.norm(g - e) <= 1e-2 * np.linalg.norm(e)
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), f"{name}: {np.sum(~np.isfinite(g))} non-finite values"
+    rel = np.linalg.norm(g - e) / np.linalg.norm(e)
+    assert rel <= 1e-2, f"{name}: relative difference {rel:.2e} to nnx.scan's"
   graphdef, state = nnx.split(stack)
 
   def loss(state):
