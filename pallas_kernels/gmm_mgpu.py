@@ -176,6 +176,14 @@ def staging_smem(shape: tuple[int, ...], dtype) -> plgpu.RefUnion:
   return plgpu.RefUnion(plgpu.SMEM(shape, dtype), swizzled)
 
 
+def stage(value, smem_ref) -> None:
+  """smem_ref[...] = value once the previous TMA stores have read shared memory,
+  fenced for the TMA store that follows."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  smem_ref[...] = value
+  plgpu.commit_smem()
+
+
 def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
 
@@ -209,18 +217,14 @@ def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile
     if whole_chunks:
       @pl.when(count == chunk)
       def _():
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        staging.swizzled[...] = rows_of_chunk
-        plgpu.commit_smem()
+        stage(rows_of_chunk, staging.swizzled)
         # tile_row0 is a multiple of 8 (metadata.py), as the swizzled copy needs.
         rows = pl.ds(pl.multiple_of(chunk_row0, 8), chunk)
         plgpu.copy_smem_to_gmem(staging.swizzled, out_gmem.at[rows, n_slice])
 
     @pl.when(((count > 0) & (count < chunk)) if whole_chunks else (count > 0))
     def _():
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      o_smem[...] = rows_of_chunk
-      plgpu.commit_smem()
+      stage(rows_of_chunk, o_smem)
       smem_row = start - chunk_row0
       for bit in reversed(range(int(math.log2(chunk)) + 1)):
         rows = 1 << bit

@@ -43,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
-from pallas_kernels.gmm_mgpu import _smem_transforms, check_dtypes, check_hopper
+from pallas_kernels.gmm_mgpu import _smem_transforms, check_dtypes, check_hopper, stage
 
 
 def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = False,
@@ -318,9 +318,7 @@ def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
   tile = acc.astype(o_smem.dtype)
   rows = cfg.staged_rows
   for c in range(cfg.block_k // rows):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    o_smem[...] = tile if rows == cfg.block_k else tile[c * rows:(c + 1) * rows]
-    plgpu.commit_smem()
+    stage(tile if rows == cfg.block_k else tile[c * rows:(c + 1) * rows], o_smem)
     plgpu.copy_smem_to_gmem(
         o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + c * rows, rows),
                          pl.ds(n_tile * cfg.block_n, cfg.block_n)])
