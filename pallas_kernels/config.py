@@ -28,10 +28,13 @@ def _check_multiple(name: str, value: int, of: int) -> None:
 
 
 def _check_cta_n(cfg, n: int) -> None:
-  """N must split into work items of cfg.cta_block_n columns."""
-  if n % cfg.cta_block_n:
+  """N must split into work items of cfg.cta_block_n columns (pairs of them in a
+  cluster of two)."""
+  cluster_n = getattr(cfg, "cluster_n", 1)
+  if n % (cfg.cta_block_n * cluster_n):
     raise NotImplementedError(
-        f"N={n} is not a multiple of {cfg.num_compute_wgs}*block_n={cfg.cta_block_n}.")
+        f"N={n} is not a multiple of {cluster_n}*{cfg.num_compute_wgs}*block_n="
+        f"{cfg.cta_block_n * cluster_n}.")
 
 
 def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
@@ -92,6 +95,11 @@ class GmmConfig(_ConsumerTiles):
       stores through (a divisor of block_m; None = block_m). Half of block_m
       frees shared memory for a deeper pipeline; the tile then goes out in
       two passes.
+    cluster_n: warp-specialised only. 2: the SMs run in clusters of two that
+      compute adjacent block_m x (2*block_n) tiles of one item and share its
+      lhs tiles (each loads half and multicasts it to both), so each SM loads
+      a sixth less per K step; grid_block_n then counts pairs of tiles.
+      1: no clusters.
   """
   block_m: int = 128
   block_n: int = 128
@@ -101,6 +109,7 @@ class GmmConfig(_ConsumerTiles):
   num_compute_wgs: int = 1
   chain_items: bool = False
   epilogue_rows: int | None = None
+  cluster_n: int = 1
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -119,6 +128,10 @@ class GmmConfig(_ConsumerTiles):
     if self.chain_items and self.num_compute_wgs == 1:
       raise ValueError("chain_items=True needs the warp-specialised kernel "
                        "(num_compute_wgs=2).")
+    if self.cluster_n not in (1, 2):
+      raise ValueError(f"cluster_n={self.cluster_n} must be 1 or 2.")
+    if self.cluster_n == 2 and self.num_compute_wgs == 1:
+      raise ValueError("cluster_n=2 needs the warp-specialised kernel (num_compute_wgs=2).")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
@@ -255,7 +268,10 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
   chained into one 4-deep pipeline per SM with the epilogue staged in 64-row
   halves when K/64 is a multiple of 4 and groups average 256 rows or more (at
   128 rows a group, G=256, chaining was 20% slower), else a 3-deep pipeline
-  per item.
+  per item, in clusters of two SMs that share the lhs tiles when groups average
+  under 256 rows and N splits into pairs of 256-column tiles (G=256 dgrad,
+  M=32768, 2048 contracted, N=7168: 1.18x; 0.92-1.00x on the other shapes'
+  forward and dgrad, which keep the chained kernel; H100, 2026-11-26).
   Otherwise one warpgroup with a 128x(192|128) tile (about the largest
   float32 accumulator a warpgroup holds in registers) and the deepest
   pipeline that fits. Small M gets 64-row tiles.
@@ -265,8 +281,10 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
     return tuned
   block_m = 128 if m >= 128 * 8 else 64
   if block_m == 128 and n % 256 == 0:
-    candidates = [GmmConfig(**_WS, grid_block_n=8)]
-    if (k // 64) % _CHAINED["max_concurrent_steps"] == 0 and m >= 256 * g:
+    small_groups = m < 256 * g
+    candidates = [GmmConfig(**_WS, grid_block_n=8,
+                            cluster_n=2 if small_groups and n % 512 == 0 else 1)]
+    if (k // 64) % _CHAINED["max_concurrent_steps"] == 0 and not small_groups:
       candidates.insert(0, GmmConfig(**_CHAINED, grid_block_n=8))
     for cfg in candidates:
       if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:

@@ -362,6 +362,9 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
   """The warp-specialised K pipeline: lhs [block_m, block_k] and rhs tiles of
   [block_k, 2*block_n] (or [2*block_n, block_k]) per step, in swizzled smem."""
   transforms = _smem_transforms(cfg.block_k, dtype)
+  # In a cluster of two (adjacent n-tiles of one item) the lhs tile is shared:
+  # each SM loads half of it and multicasts it to both.
+  lhs_collective = ("cluster",) if cfg.cluster_n == 2 else ()
   if transpose_rhs:
     rhs_spec = plgpu.BlockSpec((cfg.cta_block_n, cfg.block_k), lambda ki: (0, ki),
                                transforms=transforms, memory_space=plgpu.SMEM)
@@ -374,7 +377,8 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
       memory_registers=40,
       in_specs=[
           plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (0, ki),
-                          transforms=transforms, memory_space=plgpu.SMEM),
+                          transforms=transforms, memory_space=plgpu.SMEM,
+                          collective_axes=lhs_collective),
           rhs_spec,
       ],
       wg_axis="wg",
@@ -409,7 +413,9 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
   k = lhs_gmem.shape[1]
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
-  grid_n = n // cta_n
+  # The item loops walk (item, n-tile of a cluster); with cluster_n=2 both SMs of
+  # a cluster get the same indices and take one cta_n-column tile each.
+  grid_n = n // (cta_n * cfg.cluster_n)
   get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
                                    transpose_rhs=transpose_rhs)
   ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies
@@ -428,10 +434,17 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
     is_consumer = wg < cfg.num_compute_wgs
     scratch, barriers = _scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
+    def cta_tile(n_cluster):
+      """This SM's tile of cta_n columns."""
+      if cfg.cluster_n == 1:
+        return n_cluster
+      return n_cluster * cfg.cluster_n + lax.axis_index("cluster")
+
     def where_of(item, n_cta):
       return _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
 
-    def compute_item(item, n_cta, pipeline_state=None):
+    def compute_item(item, n_cluster, pipeline_state=None):
+      n_cta = cta_tile(n_cluster)
       where = where_of(item, n_cta)
 
       def compute_context(eval_pipeline):
@@ -457,23 +470,23 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       get_pipeline(mma, compute_context, pipeline_state=pipeline_state)(
           lhs_rows, rhs_cols, allocations=pipeline_allocs)
 
-    def zero_item(item, n_cta):  # Padding rows: zeros, written by the consumers.
+    def zero_item(item, n_cluster):  # Padding rows: zeros, written by the consumers.
       zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
       epilogue(zeros, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
-               where=where_of(item, n_cta))
+               where=where_of(item, cta_tile(n_cluster)))
 
     if cfg.chain_items:
       num_compute, num_used = meta.counts[0], meta.counts[1]
 
       @plgpu.nd_loop((num_compute * grid_n,), collective_axes="sm")
       def _compute_loop(loop_info: plgpu.NDLoopInfo):
-        item, n_cta = plgpu.planar_snake(
+        item, n_cluster = plgpu.planar_snake(
             loop_info.index[0], (num_compute, grid_n), 1, cfg.grid_block_n)
         # A chain needs a START and a STOP item; a lone item is a plain pipeline.
         alone = loop_info.num_local_steps == 1
-        pl.when(alone)(lambda: compute_item(item, n_cta))
+        pl.when(alone)(lambda: compute_item(item, n_cluster))
         pl.when(~alone)(lambda: compute_item(
-            item, n_cta, pipeline_state=_chain_state(loop_info)))
+            item, n_cluster, pipeline_state=_chain_state(loop_info)))
 
       @pl.when(is_consumer)
       def _():
@@ -482,10 +495,10 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
           pair = loop_info.index[0]
           zero_item(num_compute + pair // grid_n, pair % grid_n)
     else:
-      def item_body(item, n_cta):
+      def item_body(item, n_cluster):
         compute = meta.compute[item]
-        pl.when(compute != 0)(lambda: compute_item(item, n_cta))
-        pl.when((compute == 0) & is_consumer)(lambda: zero_item(item, n_cta))
+        pl.when(compute != 0)(lambda: compute_item(item, n_cluster))
+        pl.when((compute == 0) & is_consumer)(lambda: zero_item(item, n_cluster))
 
       _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -533,14 +546,17 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
   warp_specialized = cfg.num_compute_wgs > 1
+  clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
+              if cfg.cluster_n > 1 else {})
   kernel = plgpu.kernel(
       functools.partial(_gmm_kernel_ws if warp_specialized else _gmm_kernel, cfg=cfg,
                         transpose_rhs=transpose_rhs, num_items=meta.num_items,
                         epilogue=epilogue, num_extra_inputs=len(extra_inputs), n=n,
                         out_dtype=out_dtype),
       out_type=epilogue.out_types(m, n, out_dtype, meta.num_items, cfg),
-      grid=(config_lib.num_sms(),),
+      grid=(config_lib.num_sms() // cfg.cluster_n,),
       grid_names=("sm",),
+      **clusters,
       num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,
       thread_name="wg" if warp_specialized else None,
       compiler_params=plgpu.CompilerParams(

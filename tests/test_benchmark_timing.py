@@ -24,3 +24,24 @@ def test_interleaved_ms_rotates_the_order_each_round(monkeypatch):
 def test_time_ms_runs_the_function():
   ms = timing.time_ms(lambda x: x + 1, jnp.ones(4), calls=3, repeats=2)
   assert ms > 0
+
+
+def test_config_ab_parses_variants_and_skips_what_does_not_apply():
+  import pytest
+
+  from benchmarks import config_ab
+  from pallas_kernels import config as config_lib
+
+  assert config_ab.parse_variant("cl2:cluster_n=2,grid_block_n=4") == (
+      "cl2", {"cluster_n": 2, "grid_block_n": 4})
+  assert config_ab.parse_variant("rows:epilogue_rows=None") == ("rows", {"epilogue_rows": None})
+  for bad in ("cluster_n=2", "x:cluster_n", "x:cluster_n=two"):
+    with pytest.raises(ValueError, match="--variant"):
+      config_ab.parse_variant(bad)
+  skipped = []
+  base = config_lib.GmmConfig(**config_lib._WS)
+  variants = config_ab.variants_of(
+      base, {"cl2": {"cluster_n": 2}, "bad": {"cluster_n": 3}, "tgmm_only": {"block_k": 7}},
+      skipped.append)
+  assert list(variants) == ["base", "cl2"] and variants["cl2"].cluster_n == 2
+  assert len(skipped) == 2

@@ -70,6 +70,10 @@ GMM_CASES = [
     (200, 128, 256, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                           num_compute_wgs=2)),
+    # ... in clusters of two SMs that share (multicast) the lhs tiles.
+    (200, 128, 512, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
+     config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2, cluster_n=2)),
 ]
 CHAINED = dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                num_compute_wgs=2, chain_items=True)
@@ -85,6 +89,9 @@ CHAINED_CASES = [
      config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 3),
     (392, 128, 128, [17, 0, 70, 305], True, jnp.float32,
      config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 2),
+    # Two clusters of two SMs, each SM a chain of items.
+    (344, 256, 512, [50, 0, 90, 30, 0, 101], True, jnp.bfloat16,
+     config_lib.GmmConfig(**CHAINED, cluster_n=2), 4),
 ]
 
 
@@ -214,6 +221,23 @@ def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps, c
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("chain", [False, True])
+def test_gmm_lowers_for_h100_in_clusters(transpose_rhs, chain):
+  m, k, n, g = 4096, 1024, 1024, 64
+  cfg = dataclasses.replace(config_lib.gmm_config(32768, 2048, 7168, 256), chain_items=chain,
+                            max_concurrent_steps=4 if chain else 3,
+                            epilogue_rows=64 if chain else None)
+  assert cfg.cluster_n == 2  # what the heuristic picks for small groups
+  rhs_shape = (g, n, k) if transpose_rhs else (g, k, n)
+  text = _lower_for_h100(
+      lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs, config=cfg),
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+      jax.ShapeDtypeStruct(rhs_shape, jnp.bfloat16),
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  assert "mosaic_gpu" in text
+
+
 def test_gmm_lowers_for_h100_many_groups():
   text = _lower_for_h100(
       gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
@@ -265,6 +289,16 @@ def test_config_validates_itself():
   with pytest.raises(NotImplementedError, match="block_n"):
     config_lib.GmmConfig(block_n=128).validate_for(1024, 192)
   assert config_lib.gmm_config(16384, 4096, 1536, 128).block_n in (128, 192)
+  with pytest.raises(ValueError, match="cluster_n=3"):
+    config_lib.GmmConfig(cluster_n=3)
+  with pytest.raises(ValueError, match="cluster_n=2 needs"):
+    config_lib.GmmConfig(cluster_n=2)
+  with pytest.raises(NotImplementedError, match="2\\*2\\*block_n=512"):
+    config_lib.GmmConfig(**config_lib._WS, cluster_n=2).validate_for(1024, 768)
+  # Clusters only for small groups (and N in pairs of 256-column tiles).
+  assert config_lib.gmm_config(32768, 2048, 7168, 256).cluster_n == 2
+  assert config_lib.gmm_config(32768, 2048, 7424, 256).cluster_n == 1
+  assert config_lib.gmm_config(16384, 1024, 4096, 8).cluster_n == 1
   with pytest.raises(ValueError, match="warp_specialized"):
     config_lib.TgmmConfig(num_compute_wgs=2)
   with pytest.raises(NotImplementedError, match="2\\*block_n=256"):
