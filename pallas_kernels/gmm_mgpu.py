@@ -17,6 +17,9 @@ Design:
     config.chain_items the warp-specialised kernel runs all of an SM's compute
     items as one chain of pipelines (`pipeline_state`), so the producer loads
     the next item's first tiles while the consumers store the current one.
+    With config.cluster_n=2 (the heuristic's pick for small groups) the SMs run
+    in clusters of two that take adjacent n-tiles of one item and multicast its
+    lhs tiles to each other.
   * `store_rows` writes only the item's rows of the tile, staged through
     shared memory in passes of config.epilogue_rows rows: one TMA store from a
     swizzled buffer where the pass's rows are all the item's, else a ladder of
