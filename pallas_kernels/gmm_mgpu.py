@@ -453,9 +453,13 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
         def _(acc_ref):
-          eval_pipeline(acc_ref)
-          epilogue(acc_ref[...], o_smem.of_consumer(wg), ins, outs, scratch, barriers,
-                   item=item, where=where)
+          # Named scopes are regions of the Mosaic GPU profiler's timeline
+          # (benchmarks/profile_kernels.py); without the profiler they cost nothing.
+          with jax.named_scope("mainloop"):
+            eval_pipeline(acc_ref)
+          with jax.named_scope("epilogue"):
+            epilogue(acc_ref[...], o_smem.of_consumer(wg), ins, outs, scratch, barriers,
+                     item=item, where=where)
 
       def mma(_, lhs_smem, rhs_smem, acc_ref):
         if transpose_rhs:

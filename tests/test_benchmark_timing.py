@@ -45,3 +45,25 @@ def test_config_ab_parses_variants_and_skips_what_does_not_apply():
       skipped.append)
   assert list(variants) == ["base", "cl2"] and variants["cl2"].cluster_n == 2
   assert len(skipped) == 2
+
+
+def test_profile_summary_shares_regions_per_warpgroup():
+  from benchmarks import profile_kernels
+
+  def trace_of(tid, regions):
+    events = []
+    for name, begin, end in regions:
+      events += [dict(name=name, ph="B", ts=begin, tid=tid), dict(name=name, ph="E", ts=end, tid=tid)]
+    return events
+
+  events = (trace_of(1, [("mainloop", 0.0, 6.0), ("epilogue", 6.0, 8.0), ("mainloop", 8.0, 10.0)])
+            + trace_of(4, [("mainloop", 0.0, 3.0), ("epilogue", 3.0, 5.0)])  # block 1, wg 0
+            + trace_of(2, [("mainloop", 0.0, 4.0), ("epilogue", 4.0, 5.0)]))  # block 0, wg 1
+  summary = profile_kernels.summarise({"traceEvents": events}, warpgroups=3)
+  assert set(summary) == {"wg0", "wg1"}
+  wg0 = summary["wg0"]
+  assert abs(wg0["mainloop"]["share"] - (0.8 + 0.6) / 2) < 1e-9
+  assert abs(wg0["epilogue"]["share"] - (0.2 + 0.4) / 2) < 1e-9
+  assert abs(wg0["mainloop"]["mean_kcycles"] - (6 + 2 + 3) / 3) < 1e-9
+  assert wg0["mainloop"]["count"] == 1.5
+  assert abs(summary["wg1"]["epilogue"]["share"] - 0.2) < 1e-9
