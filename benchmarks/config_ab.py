@@ -52,6 +52,34 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
+def add_selection_args(parser: argparse.ArgumentParser, passes: str) -> None:
+  parser.add_argument("--passes", default=passes, help=f"some of {','.join(PASSES)}")
+  parser.add_argument("--shapes", default=None, help="indices into shapes.SHAPES")
+  parser.add_argument("--out", required=True)
+
+
+def selected_inputs(parser: argparse.ArgumentParser, args):
+  """Yields (pass names, shape, x, w, dy, group sizes) for each selected shape:
+  random bf16 operands x [M, K], w [G, K, N], dy [M, N] and random group sizes."""
+  passes = args.passes.split(",")
+  if bad := set(passes) - set(PASSES):
+    parser.error(f"unknown passes {sorted(bad)}; expected some of {PASSES}")
+  indices = (range(len(shapes.SHAPES)) if args.shapes is None
+             else [int(i) for i in args.shapes.split(",")])
+  for i in indices:
+    m, k, n, g = shape = shapes.SHAPES[i]
+    keys = jax.random.split(jax.random.key(i), 3)
+    yield (passes, shape, jax.random.normal(keys[0], (m, k), jnp.bfloat16),
+           jax.random.normal(keys[1], (g, k, n), jnp.bfloat16),
+           jax.random.normal(keys[2], (m, n), jnp.bfloat16),
+           jnp.asarray(shapes.random_group_sizes(m, g)))
+
+
+def run_header() -> dict:
+  return {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "command": " ".join(["python"] + sys.argv), "records": []}
+
+
 def pass_setup(pass_: str, x, w, dy, gs):
   """(default config, kernel(config) -> jitted fn, args) of one pass."""
   m, k = x.shape
@@ -110,28 +138,13 @@ def format_record(rec: dict) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--passes", default="fwd,dgrad,wgrad")
-  parser.add_argument("--shapes", default=None, help="indices into shapes.SHAPES")
+  add_selection_args(parser, passes=",".join(PASSES))
   parser.add_argument("--variant", action="append", default=[], type=parse_variant,
                       help="NAME:FIELD=VALUE[,FIELD=VALUE...] (repeatable)")
-  parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  passes = args.passes.split(",")
-  if bad := set(passes) - set(PASSES):
-    parser.error(f"unknown passes {sorted(bad)}; expected some of {PASSES}")
-  indices = (range(len(shapes.SHAPES)) if args.shapes is None
-             else [int(i) for i in args.shapes.split(",")])
   log = functools.partial(print, file=sys.stderr, flush=True)
-  device = jax.devices()[0]
-  result = {"card": device.device_kind, "jax": jax.__version__,
-            "command": " ".join(["python"] + sys.argv), "records": []}
-  for i in indices:
-    m, k, n, g = shape = shapes.SHAPES[i]
-    keys = jax.random.split(jax.random.key(i), 3)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
-    dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-    gs = jnp.asarray(shapes.random_group_sizes(m, g))
+  result = run_header()
+  for passes, shape, x, w, dy, gs in selected_inputs(parser, args):
     for pass_ in passes:
       rec = ab_record(shape, pass_, x, w, dy, gs, dict(args.variant), log)
       result["records"].append(rec)

@@ -26,15 +26,12 @@ import glob
 import json
 import os
 import statistics
-import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks import shapes
-from benchmarks.config_ab import PASSES, pass_setup
+from benchmarks.config_ab import add_selection_args, pass_setup, run_header, selected_inputs
 
 # Regions recorded per warpgroup: 16 bytes each, times 3 warpgroups, must fit in
 # the ~3 KiB of shared memory the 4-slot configs leave.
@@ -113,26 +110,12 @@ def profile_pass(pass_, x, w, dy, gs, trace_dir: str) -> tuple[dict, str]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--passes", default="fwd,wgrad")
-  parser.add_argument("--shapes", default=None, help="indices into shapes.SHAPES")
-  parser.add_argument("--out", required=True)
+  add_selection_args(parser, passes="fwd,wgrad")
   parser.add_argument("--trace-dir", default=None)
   args = parser.parse_args()
-  passes = args.passes.split(",")
-  if bad := set(passes) - set(PASSES):
-    parser.error(f"unknown passes {sorted(bad)}; expected some of {PASSES}")
-  indices = (range(len(shapes.SHAPES)) if args.shapes is None
-             else [int(i) for i in args.shapes.split(",")])
   trace_root = args.trace_dir or tempfile.mkdtemp(prefix="jaxmoe-profile-")
-  result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "command": " ".join(["python"] + sys.argv), "records": []}
-  for i in indices:
-    m, k, n, g = shape = shapes.SHAPES[i]
-    keys = jax.random.split(jax.random.key(i), 3)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
-    dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-    gs = jnp.asarray(shapes.random_group_sizes(m, g))
+  result = run_header()
+  for passes, shape, x, w, dy, gs in selected_inputs(parser, args):
     for pass_ in passes:
       trace_dir = os.path.join(trace_root, f"{'_'.join(map(str, shape))}_{pass_}")
       summary, config = profile_pass(pass_, x, w, dy, gs, trace_dir)
