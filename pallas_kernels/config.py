@@ -231,15 +231,18 @@ _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
 _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
                 num_compute_wgs=2, chain_items=True, epilogue_rows=64)
 # (M, K, N, G) -> forward config, the best of benchmarks/grouped_gemm.py --sweep
-# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). The
-# same shapes' dgrad (N and K swapped) takes the heuristic.
+# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). A
+# dgrad looks up (M, N, K, G): the two G=8 and the two G=64 shapes are each
+# other's dgrad; the G=128 and G=256 dgrads take the heuristic. TF/s: session
+# 11's benchmark run (BENCHMARKS.md).
 GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
-    (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 668 TF/s
-    (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 642
-    (16384, 4096, 1024, 64): GmmConfig(**_CHAINED, grid_block_n=4),   # 416
-    (16384, 1024, 4096, 64): GmmConfig(**_CHAINED, grid_block_n=8),   # 375
-    (65536, 2048, 1536, 128): GmmConfig(**_CHAINED, grid_block_n=8),  # 540
-    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8),       # 291 (chained: 232)
+    (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 615 TF/s
+    (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 612
+    (16384, 4096, 1024, 64): GmmConfig(**_CHAINED, grid_block_n=4),   # 480
+    (16384, 1024, 4096, 64): GmmConfig(**_CHAINED, grid_block_n=8),   # 446
+    (65536, 2048, 1536, 128): GmmConfig(**_CHAINED, grid_block_n=8),  # 542
+    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8),       # 284 (chained: 0.8x;
+                                                                       # clusters: 0.99x)
 }
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 
