@@ -5,9 +5,10 @@ consumer warpgroup records the entry and exit times of the kernels'
 `jax.named_scope` regions, "mainloop" and "epilogue" of each work item) and
 summarises the trace: for each warpgroup, the share of its recorded time span
 spent in each region, averaged over the SMs, and the mean length of one
-occurrence in thousands of SM clock cycles (the profiler reads %clock). The profiler keeps its events in shared memory, which the kernels
-nearly fill: PROFILE_SPACE regions per warpgroup fit, and later ones are dropped,
-so a summary covers each SM's first PROFILE_SPACE / 2 items.
+occurrence in thousands of SM clock cycles (the profiler reads %clock). The
+profiler keeps its events in shared memory, which the kernels nearly fill:
+PROFILE_SPACE regions per warpgroup fit, and later ones are dropped, so a summary
+covers each SM's first PROFILE_SPACE / 2 items.
 
     PYTHONPATH=. python benchmarks/profile_kernels.py --passes fwd,wgrad --shapes 2,3 \
         --out profile.json [--trace-dir DIR]       # on an H100

@@ -28,13 +28,11 @@ def _check_multiple(name: str, value: int, of: int) -> None:
 
 
 def _check_cta_n(cfg, n: int) -> None:
-  """N must split into work items of cfg.cta_block_n columns (pairs of them in a
-  cluster of two)."""
-  cluster_n = getattr(cfg, "cluster_n", 1)
-  if n % (cfg.cta_block_n * cluster_n):
+  """N must split into the columns of a cluster's work items."""
+  if n % cfg.cluster_block_n:
     raise NotImplementedError(
-        f"N={n} is not a multiple of {cluster_n}*{cfg.num_compute_wgs}*block_n="
-        f"{cfg.cta_block_n * cluster_n}.")
+        f"N={n} is not a multiple of {cfg.cluster_n}*{cfg.num_compute_wgs}*block_n="
+        f"{cfg.cluster_block_n}.")
 
 
 def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
@@ -48,13 +46,20 @@ def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
 class _ConsumerTiles:
   """What GmmConfig and TgmmConfig share: num_compute_wgs consumer warpgroups side
   by side along N, and an output tile of getattr(self, _TILE_ROWS) rows that the
-  epilogue stages epilogue_rows (or all of them) at a time."""
+  epilogue stages epilogue_rows (or all of them) at a time, on SMs in clusters of
+  cluster_n side by side along N (1 unless a config has the field)."""
   _TILE_ROWS: str
+  cluster_n = 1
 
   @property
   def cta_block_n(self) -> int:
     """Output columns of one work item (all consumer warpgroups together)."""
     return self.block_n * self.num_compute_wgs
+
+  @property
+  def cluster_block_n(self) -> int:
+    """Output columns of the work items of one cluster of SMs."""
+    return self.cta_block_n * self.cluster_n
 
   @property
   def staged_rows(self) -> int:
@@ -285,8 +290,9 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
   block_m = 128 if m >= 128 * 8 else 64
   if block_m == 128 and n % 256 == 0:
     small_groups = m < 256 * g
-    candidates = [GmmConfig(**_WS, grid_block_n=8,
-                            cluster_n=2 if small_groups and n % 512 == 0 else 1)]
+    clustered = GmmConfig(**_WS, grid_block_n=8, cluster_n=2)
+    candidates = [clustered if small_groups and n % clustered.cluster_block_n == 0
+                  else GmmConfig(**_WS, grid_block_n=8)]
     if (k // 64) % _CHAINED["max_concurrent_steps"] == 0 and not small_groups:
       candidates.insert(0, GmmConfig(**_CHAINED, grid_block_n=8))
     for cfg in candidates:

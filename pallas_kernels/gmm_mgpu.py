@@ -418,7 +418,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
   # The item loops walk (item, n-tile of a cluster); with cluster_n=2 both SMs of
   # a cluster get the same indices and take one cta_n-column tile each.
-  grid_n = n // (cta_n * cfg.cluster_n)
+  grid_n = n // cfg.cluster_block_n
   get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
                                    transpose_rhs=transpose_rhs)
   ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies

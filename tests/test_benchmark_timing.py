@@ -1,10 +1,12 @@
-"""benchmarks/timing.py: interleaved rounds time every function and rotate their order."""
+"""benchmarks/: interleaved timing, config A/B variants, profiler summaries."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import pytest
 
-from benchmarks import timing
+from benchmarks import config_ab, profile_kernels, timing
+from pallas_kernels import config as config_lib
 
 
 def test_interleaved_ms_rotates_the_order_each_round(monkeypatch):
@@ -27,11 +29,6 @@ def test_time_ms_runs_the_function():
 
 
 def test_config_ab_parses_variants_and_skips_what_does_not_apply():
-  import pytest
-
-  from benchmarks import config_ab
-  from pallas_kernels import config as config_lib
-
   assert config_ab.parse_variant("cl2:cluster_n=2,grid_block_n=4") == (
       "cl2", {"cluster_n": 2, "grid_block_n": 4})
   assert config_ab.parse_variant("rows:epilogue_rows=None") == ("rows", {"epilogue_rows": None})
@@ -48,8 +45,6 @@ def test_config_ab_parses_variants_and_skips_what_does_not_apply():
 
 
 def test_profile_summary_shares_regions_per_warpgroup():
-  from benchmarks import profile_kernels
-
   def trace_of(tid, regions):
     events = []
     for name, begin, end in regions:
