@@ -178,11 +178,20 @@ class TgmmConfig(_ConsumerTiles):
     num_compute_wgs: warp-specialised only. 1: one consumer warpgroup computes
       a block_k x block_n tile. 2: two consumer warpgroups compute the left and
       right block_k x block_n halves of a block_k x (2*block_n) tile, sharing
-      each lhs tile (the loads per FLOP of gmm's 128x256 tiles).
+      each lhs tile (the loads per FLOP of gmm's 128x256 tiles), or with
+      split_k the top and bottom halves of a (2*block_k) x block_n tile.
     epilogue_rows: rows of each consumer's shared-memory staging buffer for the
       output tile (a multiple of 64 that divides block_k; None = block_k). Half
       of block_k frees shared memory for a deeper ring; the tile then goes out
       in two passes.
+    split_k: two consumers only. True: they split the item's tile by rows (K),
+      each sharing the rhs tile; with block_k=64 and block_n=256 each issues
+      64x256 wgmmas, which read the rhs tile once where the two 128-row halves
+      of a 128x128 accumulator read it twice (1/9 less shared-memory traffic
+      per row block). False: they split it by columns (N).
+    epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
+      that divides block_n; None = block_n): with split_k's 64-row tiles, the
+      way to stage a tile in parts.
   """
   block_m: int = 64
   block_k: int = 128
@@ -192,7 +201,24 @@ class TgmmConfig(_ConsumerTiles):
   warp_specialized: bool = False
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
+  split_k: bool = False
+  epilogue_cols: int | None = None
   _TILE_ROWS = "block_k"
+
+  @property
+  def staged_cols(self) -> int:
+    """Columns of each consumer's epilogue staging buffer."""
+    return self.epilogue_cols or self.block_n
+
+  @property
+  def cta_block_n(self) -> int:
+    """Output columns of one work item."""
+    return self.block_n * (1 if self.split_k else self.num_compute_wgs)
+
+  @property
+  def cta_block_k(self) -> int:
+    """Output rows (K) of one work item."""
+    return self.block_k * (self.num_compute_wgs if self.split_k else 1)
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -210,6 +236,12 @@ class TgmmConfig(_ConsumerTiles):
     self._check_consumers_and_epilogue(rows_multiple=64)
     if self.num_compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
+    if self.split_k and self.num_compute_wgs == 1:
+      raise ValueError("split_k=True needs two consumer warpgroups (num_compute_wgs=2).")
+    if self.epilogue_cols is not None and (
+        self.epilogue_cols % 64 or self.block_n % self.epilogue_cols):
+      raise ValueError(f"epilogue_cols={self.epilogue_cols} must be a multiple of 64 that "
+                       f"divides block_n={self.block_n}.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
@@ -218,16 +250,17 @@ class TgmmConfig(_ConsumerTiles):
           f"(at most {SMEM_BYTES}).")
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    stage = (self.block_k + self.cta_block_n) * self.block_m * in_itemsize
-    return (stage * self.max_concurrent_steps
-            + self.staged_rows * self.cta_block_n * out_itemsize)
+    stage = (self.cta_block_k + self.cta_block_n) * self.block_m * in_itemsize
+    staging = self.num_compute_wgs * self.staged_rows * self.staged_cols * out_itemsize
+    return stage * self.max_concurrent_steps + staging
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
     """Raises NotImplementedError unless K and N split into whole blocks and it fits."""
     _check_smem(self, in_itemsize, out_itemsize)
-    if k % self.block_k:
-      raise NotImplementedError(f"K={k} is not a multiple of block_k={self.block_k}.")
+    if k % self.cta_block_k:
+      raise NotImplementedError(f"K={k} is not a multiple of {self.cta_block_k} (the "
+                                "K rows of a work item).")
     _check_cta_n(self, n)
 
 
@@ -307,26 +340,25 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
 def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmConfig:
   """The tuned config for this shape if there is one, else a heuristic one.
 
-  Heuristic (from the H100 sweeps of 2026-11-26): the warp-specialised kernel
-  with 64-row steps. With 16-bit outputs, K a multiple of 128 and N of 256:
-  two consumer warpgroups on a 128x256 tile (against one consumer on 128x128
-  with 5 slots: 0.99-1.01x at G=8, 1.03-1.06x at G=64, 1.01x at G=128, 1.13x
-  at G=256), with a 4-slot ring and the output tile staged in 64-row halves
-  when groups average 256 rows or more (against 3 slots and whole tiles:
-  1.04-1.07x at G=8 and G=64, 1.03x at G=128), else 3 slots (at G=256, 128
-  rows a group, the halves were 2-5% slower). Otherwise one consumer warpgroup
-  on a 128x128 tile and the deepest ring that fits (5 slots): 1.06-1.40x the
-  one-warpgroup kernel on all six benchmark shapes; 128-row steps (3 slots)
-  were 0.7-1.0x.
+  Heuristic (from the H100 sweeps of 2026-11-26 and 2026-11-27): the
+  warp-specialised kernel with 64-row steps. With 16-bit outputs, K a multiple
+  of 128 and N of 256: two consumer warpgroups on a 128x256 tile, one on its
+  top and one on its bottom 64 rows (split_k), with a 4-slot ring and the
+  output staged in 64x128 chunks. Against the consumers side by side (two
+  128x128 halves, 4 slots, 64-row chunks; 3 slots and whole tiles at G=256):
+  1.00-1.05x on the six benchmark shapes (1.04-1.09x at equal slots and
+  staging), as a 64x256 wgmma reads its rhs tile once where a 128x128 one reads
+  it twice, so each row block costs 1/9 less shared-memory traffic. Otherwise
+  one consumer warpgroup on a 128x128 tile and the deepest ring that fits (5
+  slots): 1.06-1.40x the one-warpgroup kernel on all six benchmark shapes;
+  128-row steps (3 slots) were 0.7-1.0x.
   """
   if (m, k, n, g) in TGMM_TUNED:
     return TGMM_TUNED[(m, k, n, g)]
   if out_itemsize == 2 and k % 128 == 0 and n % 256 == 0:
-    two_consumers = dict(warp_specialized=True, num_compute_wgs=2, grid_block_n=8)
-    if m >= 256 * g:
-      return TgmmConfig(64, 128, 128, max_concurrent_steps=4, epilogue_rows=64,
-                        **two_consumers)
-    return TgmmConfig(64, 128, 128, max_concurrent_steps=3, **two_consumers)
+    return TgmmConfig(64, 64, 256, max_concurrent_steps=4, grid_block_n=8,
+                      warp_specialized=True, num_compute_wgs=2, split_k=True,
+                      epilogue_cols=128)
   block_k = _largest_dividing(k, (128, 64)) or 64
   # 128x128: a larger float32 accumulator crowds one warpgroup's registers.
   block_n = _largest_dividing(n, (128, 64)) or 64

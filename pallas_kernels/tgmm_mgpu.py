@@ -9,8 +9,9 @@ with a pipeline per item (`_tgmm_kernel`), or, the default, warp-specialised
 (`_tgmm_kernel_ws`): a producer warpgroup streams the row blocks of all of an
 SM's items through one ring of buffers, so short items (small groups) do not
 each pay for filling a pipeline, to one consumer warpgroup or, with
-config.num_compute_wgs=2, to two that compute the halves of a wider tile and
-share its lhs tile.
+config.num_compute_wgs=2, to two that compute the halves of a wider tile: side
+by side, sharing its lhs tile, or (config.split_k, the default) one above the
+other, sharing its rhs tile.
 
 Row blocks are block_m rows of lhs [M, K] and rhs [M, N], counted from the
 group's first row rounded down to 8. A group's first block can hold up to 7
@@ -114,12 +115,12 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
   grid_k, grid_n = k // cfg.block_k, n // cfg.block_n
   lhs_transforms = _smem_transforms(cfg.block_k, lhs_gmem.dtype)
   rhs_transforms = _smem_transforms(cfg.block_n, rhs_gmem.dtype)
-  out_transforms = _smem_transforms(cfg.block_n, out_gmem.dtype)
+  out_transforms = _smem_transforms(cfg.staged_cols, out_gmem.dtype)
   total = row_end_gmem[num_groups - 1]
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.block_n), out_gmem.dtype,
+      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.staged_cols), out_gmem.dtype,
                         transforms=out_transforms))
   def _(o_smem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
@@ -182,14 +183,16 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
   most likely landed, waits for it, masks it and signals `masked`. So the
   masking runs beside the consumers' wgmmas, not in their way. With two
   consumers, consumer c computes columns [c, c+1) * block_n of the item's
-  block_k x (2*block_n) tile.
+  block_k x (2*block_n) tile, or with cfg.split_k its rows [c, c+1) * block_k
+  of a (2*block_k) x block_n tile.
   """
   num_groups = out_gmem.shape[0]
   k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
-  bm, bk, bn, cta_n = cfg.block_m, cfg.block_k, cfg.block_n, cfg.cta_block_n
+  bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
+  cta_k, cta_n = cfg.cta_block_k, cfg.cta_block_n
   num_consumers = cfg.num_compute_wgs
   slots = cfg.max_concurrent_steps
-  grid_k, grid_n = k // bk, n // cta_n
+  grid_k, grid_n = k // cta_k, n // cta_n
   total = row_end_gmem[num_groups - 1]
 
   def for_each_item(body, init_carry):
@@ -202,12 +205,12 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
 
   @functools.partial(
       pl.run_scoped,
-      lhs_smem=plgpu.SMEM((slots, bm, bk), lhs_gmem.dtype,
-                          transforms=_smem_transforms(bk, lhs_gmem.dtype)),
+      lhs_smem=plgpu.SMEM((slots, bm, cta_k), lhs_gmem.dtype,
+                          transforms=_smem_transforms(cta_k, lhs_gmem.dtype)),
       rhs_smem=plgpu.SMEM((slots, bm, cta_n), rhs_gmem.dtype,
                           transforms=_smem_transforms(cta_n, rhs_gmem.dtype)),
-      o_smem=plgpu.SMEM((num_consumers, cfg.staged_rows, bn), out_gmem.dtype,
-                        transforms=_smem_transforms(bn, out_gmem.dtype)),
+      o_smem=plgpu.SMEM((num_consumers, cfg.staged_rows, cfg.staged_cols), out_gmem.dtype,
+                        transforms=_smem_transforms(cfg.staged_cols, out_gmem.dtype)),
       produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
       landed=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
       masked=plgpu.Barrier(num_arrivals=1, num_barriers=slots),
@@ -253,7 +256,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
           straddles = _straddles(block_row0, row_start, row_end, cfg)
 
           def load(barrier):
-            plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * bk, bk)],
+            plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(k_tile * cta_k, cta_k)],
                                     lhs_smem.at[slot], barrier.at[slot])
             plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(n_tile * cta_n, cta_n)],
                                     rhs_smem.at[slot], barrier.at[slot])
@@ -286,8 +289,12 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
             straddles = _straddles(_block_row0(first_row, b, cfg), row_start, row_end, cfg)
             pl.when(straddles)(lambda: plgpu.barrier_wait(masked.at[slot]))
             pl.when(~straddles)(lambda: plgpu.barrier_wait(produced.at[slot]))
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot].T,
-                        rhs_smem.at[slot].at[:, pl.ds(wg * bn, bn)])
+            if cfg.split_k:
+              plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[:, pl.ds(wg * bk, bk)].T,
+                          rhs_smem.at[slot])
+            else:
+              plgpu.wgmma(acc_ref, lhs_smem.at[slot].T,
+                          rhs_smem.at[slot].at[:, pl.ds(wg * bn, bn)])
             # One wgmma stays in flight: the previous one is done, free its slot.
             plgpu.wgmma_wait(1)
             pl.when(b > 0)(lambda: plgpu.barrier_arrive(consumed.at[lax.rem(t - 1, slots)]))
@@ -305,8 +312,12 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
         with jax.named_scope("mainloop"):
           acc, t = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn)))
         with jax.named_scope("epilogue"):
-          _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile,
-                      n_tile * num_consumers + wg, cfg)
+          if cfg.split_k:
+            _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile * num_consumers + wg,
+                        n_tile, cfg)
+          else:
+            _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile,
+                        n_tile * num_consumers + wg, cfg)
         return t
 
       for_each_item(consume, jnp.int32(0))
@@ -314,18 +325,20 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
 
 
 def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
-  """out_g[k-tile, n-tile] = acc via o_smem, in block_k / staged_rows passes; the
-  last pass's store drains under the next item.
+  """out_g[k-tile, n-tile] = acc via o_smem, a staged_rows x staged_cols chunk at
+  a time; the last chunk's store drains under the next item.
 
-  Each pass waits first for the previous store to have read o_smem.
+  Each chunk waits first for the previous store to have read o_smem.
   """
   tile = acc.astype(o_smem.dtype)
-  rows = cfg.staged_rows
-  for c in range(cfg.block_k // rows):
-    stage(tile if rows == cfg.block_k else tile[c * rows:(c + 1) * rows], o_smem)
-    plgpu.copy_smem_to_gmem(
-        o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + c * rows, rows),
-                         pl.ds(n_tile * cfg.block_n, cfg.block_n)])
+  rows, cols = cfg.staged_rows, cfg.staged_cols
+  for r in range(0, cfg.block_k, rows):
+    for c in range(0, cfg.block_n, cols):
+      chunk = tile if (rows, cols) == tile.shape else tile[r:r + rows, c:c + cols]
+      stage(chunk, o_smem)
+      plgpu.copy_smem_to_gmem(
+          o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + r, rows),
+                           pl.ds(n_tile * cfg.block_n + c, cols)])
 
 
 def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

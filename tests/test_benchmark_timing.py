@@ -1,11 +1,11 @@
-"""benchmarks/: interleaved timing, config A/B variants, profiler summaries."""
+"""benchmarks/: interleaved timing, config A/B variants, profiler summaries, rooflines."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import config_ab, profile_kernels, timing
+from benchmarks import config_ab, profile_kernels, roofline, timing
 from pallas_kernels import config as config_lib
 
 
@@ -62,3 +62,24 @@ def test_profile_summary_shares_regions_per_warpgroup():
   assert abs(wg0["mainloop"]["mean_kcycles"] - (6 + 2 + 3) / 3) < 1e-9
   assert wg0["mainloop"]["count"] == 1.5
   assert abs(summary["wg1"]["epilogue"]["share"] - 0.2) < 1e-9
+
+
+def test_roofline_floor_is_the_slower_of_compute_and_memory():
+  m, k, n, g = 32768, 7168, 2048, 256
+  weights = 2 * g * k * n
+  assert roofline.min_bytes(m, k, n, g, "fwd") == weights + 2 * (m * k + m * n)
+  assert roofline.min_bytes(m, k, n, g, "fwd+bwd") == 3 * roofline.min_bytes(m, k, n, g, "wgrad")
+  # G=256 moves 7.6 GB per pass: at 3 TB/s and 700 TF/s it can reach 0.52x dense at best.
+  ratio = roofline.attainable_ratio(m, k, n, g, "fwd", dense_tflops=700, hbm_gbps=3000)
+  compute_s = 2 * m * k * n / 700e12
+  assert ratio == pytest.approx(compute_s / (roofline.min_bytes(m, k, n, g, "fwd") / 3000e9))
+  assert 0.50 < ratio < 0.53
+  # Compute-bound shapes reach 1.
+  assert roofline.attainable_ratio(16384, 4096, 2048, 8, "fwd", 700, 3000) == 1.0
+  gemm = {"records": [
+      {"M": m, "K": k, "N": n, "G": g, "pass": "wgrad", "impl": "jaxmoe", "tflops": 280.0},
+      {"M": m, "K": k, "N": n, "G": g, "pass": "fwd", "impl": "dense", "tflops": 700.0},
+      {"M": m, "K": k, "N": n, "G": g, "pass": "fwd", "impl": "ragged_dot", "tflops": None}]}
+  (rec,) = roofline.records(gemm, hbm_gbps=3000)
+  assert rec["pass_"] == "wgrad" and rec["measured_vs_dense"] == 0.4
+  assert rec["attainable_vs_dense"] == round(ratio, 3) and rec["target_vs_dense"] is None

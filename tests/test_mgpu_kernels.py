@@ -196,6 +196,20 @@ def test_tgmm_interpret_epilogue_in_halves(m, k, n, sizes, out_dtype, sms, monke
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
 
 
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,sms", [
+    (200, 128, 128, [50, 0, 90, 30], jnp.float32, 3),
+    (392, 256, 64, [0, 130, 7, 0, 1, 200], jnp.bfloat16, 2),
+    (136, 256, 128, [3, 100, 0, 20], jnp.float32, 132),
+])
+def test_tgmm_interpret_split_k(m, k, n, sizes, out_dtype, sms, monkeypatch):
+  """The two consumer warpgroups take the top and bottom block_k rows of an item,
+  and store them in 64-column chunks."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  cfg = dataclasses.replace(TGMM_TWO_CONSUMERS, block_k=64, block_n=n, split_k=True,
+                            epilogue_cols=64)
+  test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
+
+
 def _lower_for_h100(fn, *avals):
   mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
   with jax.sharding.use_abstract_mesh(mesh):
@@ -249,12 +263,19 @@ def test_gmm_lowers_for_h100_many_groups():
 @pytest.mark.parametrize("dtype,out_dtype,ws,consumers,epilogue_rows", [
     (jnp.bfloat16, jnp.float32, False, 1, None), (jnp.float16, jnp.float32, False, 1, None),
     (jnp.bfloat16, jnp.float32, True, 1, None), (jnp.bfloat16, jnp.float32, True, 2, None),
-    (jnp.bfloat16, jnp.bfloat16, True, 2, 64)])
+    (jnp.bfloat16, jnp.bfloat16, True, 2, 64), (jnp.bfloat16, jnp.bfloat16, True, "k", None),
+    (jnp.bfloat16, jnp.bfloat16, True, "k", "cols")])
 def test_tgmm_lowers_for_h100(dtype, out_dtype, ws, consumers, epilogue_rows):
   m, k, n, g = 4096, 1024, 1024, 64
-  cfg = config_lib.TgmmConfig(block_m=64, block_k=128, block_n=128, warp_specialized=ws,
-                              max_concurrent_steps=4 if consumers == 1 or epilogue_rows else 2,
-                              num_compute_wgs=consumers, epilogue_rows=epilogue_rows)
+  tile = dict(block_k=64, block_n=256, split_k=True) if consumers == "k" else dict(
+      block_k=128, block_n=128)
+  if epilogue_rows == "cols":  # 4 slots, the epilogue staged in 64x128 halves
+    tile, epilogue_rows = dict(tile, epilogue_cols=128), None
+  cfg = config_lib.TgmmConfig(block_m=64, warp_specialized=ws, **tile,
+                              max_concurrent_steps=(4 if consumers == 1 or epilogue_rows
+                                                    or "epilogue_cols" in tile else 2),
+                              num_compute_wgs=2 if consumers == "k" else consumers,
+                              epilogue_rows=epilogue_rows)
   text = _lower_for_h100(
       lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=out_dtype, config=cfg),
       jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
@@ -309,9 +330,16 @@ def test_config_validates_itself():
   # Two consumers need 16-bit outputs (a float32 staging tile leaves 2 slots).
   assert config_lib.tgmm_config(16384, 4096, 2048, 8).num_compute_wgs == 2
   assert config_lib.tgmm_config(16384, 4096, 2048, 8, out_itemsize=4).num_compute_wgs == 1
-  # Halved epilogue and a 4th slot only when groups average >= 256 rows.
-  assert config_lib.tgmm_config(16384, 4096, 2048, 64).staged_rows == 64
-  assert config_lib.tgmm_config(32768, 7168, 2048, 256).staged_rows == 128
+  # Two consumers on the top and bottom rows of 128x256 tiles, staged in 64x128 chunks.
+  split = config_lib.tgmm_config(32768, 7168, 2048, 256)
+  assert (split.split_k, split.cta_block_k, split.cta_block_n) == (True, 128, 256)
+  assert split.smem_bytes(2, 2) <= config_lib.SMEM_BYTES
+  with pytest.raises(NotImplementedError, match="multiple of 128"):
+    split.validate_for(64 * 3, 256)
+  with pytest.raises(ValueError, match="epilogue_cols"):
+    config_lib.TgmmConfig(block_n=256, epilogue_cols=96)
+  with pytest.raises(ValueError, match="split_k=True needs"):
+    config_lib.TgmmConfig(warp_specialized=True, split_k=True)
 
 
 def test_tgmm_metadata_covers_each_group_from_an_8_aligned_row():
