@@ -312,12 +312,10 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
         with jax.named_scope("mainloop"):
           acc, t = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn)))
         with jax.named_scope("epilogue"):
-          if cfg.split_k:
-            _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile * num_consumers + wg,
-                        n_tile, cfg)
-          else:
-            _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile,
-                        n_tile * num_consumers + wg, cfg)
+          # This consumer's block_k x block_n tile within the item's.
+          wg_k_tile, wg_n_tile = ((k_tile * num_consumers + wg, n_tile) if cfg.split_k
+                                  else (k_tile, n_tile * num_consumers + wg))
+          _store_tile(acc, o_smem.at[wg], out_gmem.at[g], wg_k_tile, wg_n_tile, cfg)
         return t
 
       for_each_item(consume, jnp.int32(0))
