@@ -68,7 +68,7 @@ TGMM_SWEEP = (
     config_lib.TgmmConfig(64, 128, 128, 4, 8, warp_specialized=True, num_compute_wgs=2,
                           epilogue_rows=64),
     config_lib.TgmmConfig(64, 64, 256, 4, 8, warp_specialized=True, num_compute_wgs=2,
-                          split_k=True, epilogue_cols=128),
+                          split_rows=True, epilogue_cols=128),
 )
 
 

@@ -44,17 +44,23 @@ def _check_smem(cfg, in_itemsize: int, out_itemsize: int) -> None:
 
 
 class _ConsumerTiles:
-  """What GmmConfig and TgmmConfig share: num_compute_wgs consumer warpgroups side
-  by side along N, and an output tile of getattr(self, _TILE_ROWS) rows that the
-  epilogue stages epilogue_rows (or all of them) at a time, on SMs in clusters of
+  """What GmmConfig and TgmmConfig share: num_compute_wgs consumer warpgroups, each
+  on a block of getattr(self, _TILE_ROWS) x block_n outputs, side by side along N
+  or (split_rows) one above the other; an epilogue that stages each consumer's
+  tile epilogue_rows x epilogue_cols (or all of it) at a time; SMs in clusters of
   cluster_n side by side along N (1 unless a config has the field)."""
   _TILE_ROWS: str
   cluster_n = 1
 
   @property
+  def cta_tile_rows(self) -> int:
+    """Output rows of one work item (all consumer warpgroups together)."""
+    return getattr(self, self._TILE_ROWS) * (self.num_compute_wgs if self.split_rows else 1)
+
+  @property
   def cta_block_n(self) -> int:
     """Output columns of one work item (all consumer warpgroups together)."""
-    return self.block_n * self.num_compute_wgs
+    return self.block_n * (1 if self.split_rows else self.num_compute_wgs)
 
   @property
   def cluster_block_n(self) -> int:
@@ -66,14 +72,28 @@ class _ConsumerTiles:
     """Rows of each consumer's epilogue staging buffer."""
     return self.epilogue_rows or getattr(self, self._TILE_ROWS)
 
+  @property
+  def staged_cols(self) -> int:
+    """Columns of each consumer's epilogue staging buffer."""
+    return self.epilogue_cols or self.block_n
+
+  def _staging_bytes(self, out_itemsize: int) -> int:
+    return self.num_compute_wgs * self.staged_rows * self.staged_cols * out_itemsize
+
   def _check_consumers_and_epilogue(self, rows_multiple: int) -> None:
     if self.num_compute_wgs not in (1, 2):
       raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
+    if self.split_rows and self.num_compute_wgs == 1:
+      raise ValueError("split_rows=True needs two consumer warpgroups (num_compute_wgs=2).")
     tile_rows = getattr(self, self._TILE_ROWS)
     if self.epilogue_rows is not None and (
         self.epilogue_rows % rows_multiple or tile_rows % self.epilogue_rows):
       raise ValueError(f"epilogue_rows={self.epilogue_rows} must be a multiple of "
                        f"{rows_multiple} that divides {self._TILE_ROWS}={tile_rows}.")
+    if self.epilogue_cols is not None and (
+        self.epilogue_cols % 64 or self.block_n % self.epilogue_cols):
+      raise ValueError(f"epilogue_cols={self.epilogue_cols} must be a multiple of 64 that "
+                       f"divides block_n={self.block_n}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +121,18 @@ class GmmConfig(_ConsumerTiles):
       frees shared memory for a deeper pipeline; the tile then goes out in
       two passes.
     cluster_n: warp-specialised only. 2: the SMs run in clusters of two that
-      compute adjacent block_m x (2*block_n) tiles of one item and share its
-      lhs tiles (each loads half and multicasts it to both), so each SM loads
-      a sixth less per K step; grid_block_n then counts pairs of tiles.
+      compute adjacent cta_block_n-column tiles of one item and share its lhs
+      tiles (each loads half and multicasts it to both), so each SM loads a
+      sixth less per K step; grid_block_n then counts pairs of tiles.
       1: no clusters.
+    split_rows: two consumers only. True: they take the top and bottom
+      block_m rows of a (2*block_m) x block_n item tile, sharing its rhs tile
+      (with block_m=64, block_n=256: 64x256 wgmmas, as in CUTLASS's
+      cooperative kernels, which read each rhs tile once where a 128-row
+      accumulator's two m64 wgmmas read it twice). False: the left and right
+      halves of a block_m x (2*block_n) tile, sharing its lhs tile.
+    epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
+      that divides block_n; None = block_n).
   """
   block_m: int = 128
   block_n: int = 128
@@ -115,6 +143,8 @@ class GmmConfig(_ConsumerTiles):
   chain_items: bool = False
   epilogue_rows: int | None = None
   cluster_n: int = 1
+  split_rows: bool = False
+  epilogue_cols: int | None = None
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -143,9 +173,8 @@ class GmmConfig(_ConsumerTiles):
           f"(at most {SMEM_BYTES}).")
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    stage = (self.block_m + self.cta_block_n) * self.block_k * in_itemsize
-    return (stage * self.max_concurrent_steps
-            + self.staged_rows * self.cta_block_n * out_itemsize)
+    stage = (self.cta_tile_rows + self.cta_block_n) * self.block_k * in_itemsize
+    return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
@@ -179,18 +208,18 @@ class TgmmConfig(_ConsumerTiles):
       a block_k x block_n tile. 2: two consumer warpgroups compute the left and
       right block_k x block_n halves of a block_k x (2*block_n) tile, sharing
       each lhs tile (the loads per FLOP of gmm's 128x256 tiles), or with
-      split_k the top and bottom halves of a (2*block_k) x block_n tile.
+      split_rows the top and bottom halves of a (2*block_k) x block_n tile.
     epilogue_rows: rows of each consumer's shared-memory staging buffer for the
       output tile (a multiple of 64 that divides block_k; None = block_k). Half
       of block_k frees shared memory for a deeper ring; the tile then goes out
       in two passes.
-    split_k: two consumers only. True: they split the item's tile by rows (K),
+    split_rows: two consumers only. True: they split the item's tile by rows (K),
       each sharing the rhs tile; with block_k=64 and block_n=256 each issues
       64x256 wgmmas, which read the rhs tile once where the two 128-row halves
       of a 128x128 accumulator read it twice (1/9 less shared-memory traffic
       per row block). False: they split it by columns (N).
     epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
-      that divides block_n; None = block_n): with split_k's 64-row tiles, the
+      that divides block_n; None = block_n): with split_rows' 64-row tiles, the
       way to stage a tile in parts.
   """
   block_m: int = 64
@@ -201,24 +230,9 @@ class TgmmConfig(_ConsumerTiles):
   warp_specialized: bool = False
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
-  split_k: bool = False
+  split_rows: bool = False
   epilogue_cols: int | None = None
   _TILE_ROWS = "block_k"
-
-  @property
-  def staged_cols(self) -> int:
-    """Columns of each consumer's epilogue staging buffer."""
-    return self.epilogue_cols or self.block_n
-
-  @property
-  def cta_block_n(self) -> int:
-    """Output columns of one work item."""
-    return self.block_n * (1 if self.split_k else self.num_compute_wgs)
-
-  @property
-  def cta_block_k(self) -> int:
-    """Output rows (K) of one work item."""
-    return self.block_k * (self.num_compute_wgs if self.split_k else 1)
 
   def __post_init__(self):
     _check_multiple("block_m", self.block_m, 64)
@@ -236,12 +250,6 @@ class TgmmConfig(_ConsumerTiles):
     self._check_consumers_and_epilogue(rows_multiple=64)
     if self.num_compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
-    if self.split_k and self.num_compute_wgs == 1:
-      raise ValueError("split_k=True needs two consumer warpgroups (num_compute_wgs=2).")
-    if self.epilogue_cols is not None and (
-        self.epilogue_cols % 64 or self.block_n % self.epilogue_cols):
-      raise ValueError(f"epilogue_cols={self.epilogue_cols} must be a multiple of 64 that "
-                       f"divides block_n={self.block_n}.")
     if self.grid_block_n < 1:
       raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
@@ -250,16 +258,15 @@ class TgmmConfig(_ConsumerTiles):
           f"(at most {SMEM_BYTES}).")
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    stage = (self.cta_block_k + self.cta_block_n) * self.block_m * in_itemsize
-    staging = self.num_compute_wgs * self.staged_rows * self.staged_cols * out_itemsize
-    return stage * self.max_concurrent_steps + staging
+    stage = (self.cta_tile_rows + self.cta_block_n) * self.block_m * in_itemsize
+    return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 2,
                    out_itemsize: int = 2) -> None:
     """Raises NotImplementedError unless K and N split into whole blocks and it fits."""
     _check_smem(self, in_itemsize, out_itemsize)
-    if k % self.cta_block_k:
-      raise NotImplementedError(f"K={k} is not a multiple of {self.cta_block_k} (the "
+    if k % self.cta_tile_rows:
+      raise NotImplementedError(f"K={k} is not a multiple of {self.cta_tile_rows} (the "
                                 "K rows of a work item).")
     _check_cta_n(self, n)
 
@@ -343,7 +350,7 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmCo
   Heuristic (from the H100 sweeps of 2026-11-26 and 2026-11-27): the
   warp-specialised kernel with 64-row steps. With 16-bit outputs, K a multiple
   of 128 and N of 256: two consumer warpgroups on a 128x256 tile, one on its
-  top and one on its bottom 64 rows (split_k), with a 4-slot ring and the
+  top and one on its bottom 64 rows (split_rows), with a 4-slot ring and the
   output staged in 64x128 chunks. Against the consumers side by side (two
   128x128 halves, 4 slots, 64-row chunks; 3 slots and whole tiles at G=256):
   1.00-1.05x on the six benchmark shapes (1.04-1.09x at equal slots and
@@ -357,7 +364,7 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmCo
     return TGMM_TUNED[(m, k, n, g)]
   if out_itemsize == 2 and k % 128 == 0 and n % 256 == 0:
     return TgmmConfig(64, 64, 256, max_concurrent_steps=4, grid_block_n=8,
-                      warp_specialized=True, num_compute_wgs=2, split_k=True,
+                      warp_specialized=True, num_compute_wgs=2, split_rows=True,
                       epilogue_cols=128)
   block_k = _largest_dividing(k, (128, 64)) or 64
   # 128x128: a larger float32 accumulator crowds one warpgroup's registers.

@@ -208,39 +208,49 @@ def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile
   Other items write the tile's other rows (other groups or the padding).
   """
   o_smem = staging.plain
-  chunk = o_smem.shape[0]
+  chunk, chunk_cols = o_smem.shape
   whole_chunks = chunk <= out_gmem.shape[0]
-  n_slice = pl.ds(n_tile * cfg.block_n, cfg.block_n)
   for c in range(cfg.block_m // chunk):
     chunk_row0 = tile_row0 + c * chunk
     start = jnp.maximum(row_start, chunk_row0)
     count = jnp.minimum(row_end, chunk_row0 + chunk) - start
-    rows_of_chunk = tile if chunk == cfg.block_m else tile[c * chunk:(c + 1) * chunk]
+    for col0 in range(0, cfg.block_n, chunk_cols):
+      part = (tile if (chunk, chunk_cols) == tile.shape
+              else tile[c * chunk:(c + 1) * chunk, col0:col0 + chunk_cols])
+      n_slice = pl.ds(n_tile * cfg.block_n + col0, chunk_cols)
+      _store_chunk(part, staging, out_gmem, chunk_row0, start, count, n_slice, whole_chunks)
 
-    if whole_chunks:
-      @pl.when(count == chunk)
-      def _():
-        stage(rows_of_chunk, staging.swizzled)
-        # tile_row0 is a multiple of 8 (metadata.py), as the swizzled copy needs.
-        rows = pl.ds(pl.multiple_of(chunk_row0, 8), chunk)
-        plgpu.copy_smem_to_gmem(staging.swizzled, out_gmem.at[rows, n_slice])
 
-    @pl.when(((count > 0) & (count < chunk)) if whole_chunks else (count > 0))
+def _store_chunk(part, staging, out_gmem, chunk_row0, start, count, n_slice,
+                 whole_chunks: bool) -> None:
+  """Writes `count` rows from `start` of a staged_rows-row chunk (first row
+  chunk_row0) to out_gmem[:, n_slice] (store_rows)."""
+  o_smem = staging.plain
+  chunk = o_smem.shape[0]
+  if whole_chunks:
+    @pl.when(count == chunk)
     def _():
-      stage(rows_of_chunk, o_smem)
-      smem_row = start - chunk_row0
-      for bit in reversed(range(int(math.log2(chunk)) + 1)):
-        rows = 1 << bit
-        if rows > out_gmem.shape[0]:
-          continue
+      stage(part, staging.swizzled)
+      # tile_row0 is a multiple of 8 (metadata.py), as the swizzled copy needs.
+      rows = pl.ds(pl.multiple_of(chunk_row0, 8), chunk)
+      plgpu.copy_smem_to_gmem(staging.swizzled, out_gmem.at[rows, n_slice])
 
-        @pl.when((count & rows) != 0)
-        def _():
-          plgpu.copy_smem_to_gmem(
-              o_smem.at[pl.ds(smem_row, rows)],
-              out_gmem.at[pl.ds(chunk_row0 + smem_row, rows), n_slice])
+  @pl.when(((count > 0) & (count < chunk)) if whole_chunks else (count > 0))
+  def _():
+    stage(part, o_smem)
+    smem_row = start - chunk_row0
+    for bit in reversed(range(int(math.log2(chunk)) + 1)):
+      rows = 1 << bit
+      if rows > out_gmem.shape[0]:
+        continue
 
-        smem_row = smem_row + (count & rows)
+      @pl.when((count & rows) != 0)
+      def _():
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[pl.ds(smem_row, rows)],
+            out_gmem.at[pl.ds(chunk_row0 + smem_row, rows), n_slice])
+
+      smem_row = smem_row + (count & rows)
 
 
 class Epilogue:
@@ -336,7 +346,7 @@ def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=staging_smem((cfg.staged_rows, cfg.block_n), out_dtype),
+      o_smem=staging_smem((cfg.staged_rows, cfg.staged_cols), out_dtype),
       **_epilogue_scratch(epilogue, cfg, 1))
   def _(o_smem, epi_smem, epi_barriers):
     o_smem = Staging(*o_smem)
@@ -362,8 +372,8 @@ def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs
 
 def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
                  pipeline_state=None):
-  """The warp-specialised K pipeline: lhs [block_m, block_k] and rhs tiles of
-  [block_k, 2*block_n] (or [2*block_n, block_k]) per step, in swizzled smem."""
+  """The warp-specialised K pipeline: lhs [cta_tile_rows, block_k] and rhs tiles
+  of [block_k, cta_block_n] (or [cta_block_n, block_k]) per step, in swizzled smem."""
   transforms = _smem_transforms(cfg.block_k, dtype)
   # In a cluster of two (adjacent n-tiles of one item) the lhs tile is shared:
   # each SM loads half of it and multicasts it to both.
@@ -379,7 +389,7 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
       grid=(k // cfg.block_k,),
       memory_registers=40,
       in_specs=[
-          plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda ki: (0, ki),
+          plgpu.BlockSpec((cfg.cta_tile_rows, cfg.block_k), lambda ki: (0, ki),
                           transforms=transforms, memory_space=plgpu.SMEM,
                           collective_axes=lhs_collective),
           rhs_spec,
@@ -406,7 +416,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
 
   Warpgroup 2 only issues TMA loads; warpgroups 0 and 1 each own a
   block_m x block_n accumulator, the left and right halves of the item's
-  block_m x (2*block_n) tile, and run the epilogue on it.
+  block_m x (2*block_n) tile (or with cfg.split_rows the top and bottom halves
+  of a (2*block_m) x block_n tile), and run the epilogue on it.
 
   With cfg.chain_items the compute items (metadata items [0, C)) come first,
   as one chain of pipelines per SM (the producer runs ahead into the next
@@ -427,7 +438,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
           lhs_gmem, rhs_gmem.at[0]),
-      o_smem=staging_smem((cfg.num_compute_wgs, cfg.staged_rows, bn), out_dtype),
+      o_smem=staging_smem((cfg.num_compute_wgs, cfg.staged_rows, cfg.staged_cols),
+                          out_dtype),
       **_epilogue_scratch(epilogue, cfg, cfg.num_compute_wgs),
       collective_axes="wg",
   )
@@ -444,6 +456,10 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       return n_cluster * cfg.cluster_n + lax.axis_index("cluster")
 
     def where_of(item, n_cta):
+      """The epilogue's `where` for this consumer's block_m x block_n tile."""
+      if cfg.split_rows:
+        where = _item_where(meta, item, n_cta, cfg)
+        return dict(where, tile_row0=where["tile_row0"] + wg * bm)
       return _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
 
     def compute_item(item, n_cluster, pipeline_state=None):
@@ -462,15 +478,17 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
                      item=item, where=where)
 
       def mma(_, lhs_smem, rhs_smem, acc_ref):
-        if transpose_rhs:
-          rhs_wg = rhs_smem.at[pl.ds(wg * bn, bn)].T
+        if cfg.split_rows:
+          lhs_wg, rhs_wg = lhs_smem.at[pl.ds(wg * bm, bm)], rhs_smem
+        elif transpose_rhs:
+          lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
         else:
-          rhs_wg = rhs_smem.at[:, pl.ds(wg * bn, bn)]
-        plgpu.wgmma(acc_ref, lhs_smem, rhs_wg)
+          lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[:, pl.ds(wg * bn, bn)]
+        plgpu.wgmma(acc_ref, lhs_wg, rhs_wg.T if transpose_rhs else rhs_wg)
         plgpu.wgmma_wait(0)
         return acc_ref
 
-      lhs_rows = _tile_rows(lhs_gmem, where["tile_row0"], bm)
+      lhs_rows = _tile_rows(lhs_gmem, meta.tile_row0[item], cfg.cta_tile_rows)
       cols = pl.ds(n_cta * cta_n, cta_n)
       rhs_g = rhs_gmem.at[meta.group_id[item]]
       rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
@@ -551,7 +569,7 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
   epilogue.check_supported(m, cfg)
   epilogue.check_smem(cfg, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.block_m)
+  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.cta_tile_rows)
   warp_specialized = cfg.num_compute_wgs > 1
   clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
               if cfg.cluster_n > 1 else {})

@@ -10,7 +10,7 @@ with a pipeline per item (`_tgmm_kernel`), or, the default, warp-specialised
 SM's items through one ring of buffers, so short items (small groups) do not
 each pay for filling a pipeline, to one consumer warpgroup or, with
 config.num_compute_wgs=2, to two that compute the halves of a wider tile: side
-by side, sharing its lhs tile, or (config.split_k, the default) one above the
+by side, sharing its lhs tile, or (config.split_rows, the default) one above the
 other, sharing its rhs tile.
 
 Row blocks are block_m rows of lhs [M, K] and rhs [M, N], counted from the
@@ -183,13 +183,13 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
   most likely landed, waits for it, masks it and signals `masked`. So the
   masking runs beside the consumers' wgmmas, not in their way. With two
   consumers, consumer c computes columns [c, c+1) * block_n of the item's
-  block_k x (2*block_n) tile, or with cfg.split_k its rows [c, c+1) * block_k
+  block_k x (2*block_n) tile, or with cfg.split_rows its rows [c, c+1) * block_k
   of a (2*block_k) x block_n tile.
   """
   num_groups = out_gmem.shape[0]
   k, n = lhs_gmem.shape[1], rhs_gmem.shape[1]
   bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
-  cta_k, cta_n = cfg.cta_block_k, cfg.cta_block_n
+  cta_k, cta_n = cfg.cta_tile_rows, cfg.cta_block_n
   num_consumers = cfg.num_compute_wgs
   slots = cfg.max_concurrent_steps
   grid_k, grid_n = k // cta_k, n // cta_n
@@ -289,7 +289,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
             straddles = _straddles(_block_row0(first_row, b, cfg), row_start, row_end, cfg)
             pl.when(straddles)(lambda: plgpu.barrier_wait(masked.at[slot]))
             pl.when(~straddles)(lambda: plgpu.barrier_wait(produced.at[slot]))
-            if cfg.split_k:
+            if cfg.split_rows:
               plgpu.wgmma(acc_ref, lhs_smem.at[slot].at[:, pl.ds(wg * bk, bk)].T,
                           rhs_smem.at[slot])
             else:
@@ -313,7 +313,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
           acc, t = pl.run_scoped(acc_scope, plgpu.ACC((bk, bn)))
         with jax.named_scope("epilogue"):
           # This consumer's block_k x block_n tile within the item's.
-          wg_k_tile, wg_n_tile = ((k_tile * num_consumers + wg, n_tile) if cfg.split_k
+          wg_k_tile, wg_n_tile = ((k_tile * num_consumers + wg, n_tile) if cfg.split_rows
                                   else (k_tile, n_tile * num_consumers + wg))
           _store_tile(acc, o_smem.at[wg], out_gmem.at[g], wg_k_tile, wg_n_tile, cfg)
         return t

@@ -70,6 +70,13 @@ GMM_CASES = [
     (200, 128, 256, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                           num_compute_wgs=2)),
+    # ... on the top and bottom 64 rows of 128-row tiles, staged in 64-column chunks.
+    (232, 128, 128, [50, 0, 90, 30, 5], True, jnp.bfloat16, jnp.float32,
+     config_lib.GmmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2, split_rows=True, epilogue_cols=64)),
+    (72, 64, 128, [3, 60], False, jnp.bfloat16, jnp.bfloat16,
+     config_lib.GmmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2, split_rows=True)),
     # ... in clusters of two SMs that share (multicast) the lhs tiles.
     (200, 128, 512, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
@@ -89,6 +96,13 @@ CHAINED_CASES = [
      config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 3),
     (392, 128, 128, [17, 0, 70, 305], True, jnp.float32,
      config_lib.GmmConfig(**{**CHAINED, "block_m": 128}), 2),
+    # Consumers on the top and bottom rows of each tile (rows 0-16 only in the top
+    # half of the first tile; a tile moved up to end at M).
+    (392, 128, 256, [17, 0, 70, 305], False, jnp.bfloat16,
+     config_lib.GmmConfig(**{**CHAINED, "block_n": 128}, split_rows=True, epilogue_rows=32,
+                          epilogue_cols=64), 3),
+    (344, 256, 256, [50, 0, 90, 30, 0, 101], True, jnp.float32,
+     config_lib.GmmConfig(**{**CHAINED, "block_n": 128}, split_rows=True, cluster_n=2), 4),
     # Two clusters of two SMs, each SM a chain of items.
     (344, 256, 512, [50, 0, 90, 30, 0, 101], True, jnp.bfloat16,
      config_lib.GmmConfig(**CHAINED, cluster_n=2), 4),
@@ -201,11 +215,11 @@ def test_tgmm_interpret_epilogue_in_halves(m, k, n, sizes, out_dtype, sms, monke
     (392, 256, 64, [0, 130, 7, 0, 1, 200], jnp.bfloat16, 2),
     (136, 256, 128, [3, 100, 0, 20], jnp.float32, 132),
 ])
-def test_tgmm_interpret_split_k(m, k, n, sizes, out_dtype, sms, monkeypatch):
+def test_tgmm_interpret_split_rows(m, k, n, sizes, out_dtype, sms, monkeypatch):
   """The two consumer warpgroups take the top and bottom block_k rows of an item,
   and store them in 64-column chunks."""
   monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
-  cfg = dataclasses.replace(TGMM_TWO_CONSUMERS, block_k=64, block_n=n, split_k=True,
+  cfg = dataclasses.replace(TGMM_TWO_CONSUMERS, block_k=64, block_n=n, split_rows=True,
                             epilogue_cols=64)
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
 
@@ -216,15 +230,22 @@ def _lower_for_h100(fn, *avals):
     return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
 
 
+SPLIT_ROWS = dict(block_m=64, block_n=256, split_rows=True, epilogue_cols=128)
+
+
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("out_dtype,num_compute_wgs,steps,chain", [
-    (jnp.bfloat16, 1, 4, False), (jnp.float32, 1, 4, False), (jnp.bfloat16, 2, 3, False),
-    (jnp.float32, 2, 2, False), (jnp.bfloat16, 2, 4, True)])
-def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps, chain):
+@pytest.mark.parametrize("out_dtype,num_compute_wgs,steps,chain,split_rows", [
+    (jnp.bfloat16, 1, 4, False, False), (jnp.float32, 1, 4, False, False),
+    (jnp.bfloat16, 2, 3, False, False), (jnp.float32, 2, 2, False, False),
+    (jnp.bfloat16, 2, 4, True, False), (jnp.bfloat16, 2, 4, True, True),
+    (jnp.bfloat16, 2, 3, False, True)])
+def test_gmm_lowers_for_h100(transpose_rhs, out_dtype, num_compute_wgs, steps, chain,
+                             split_rows):
   m, k, n, g = 4096, 1024, 1024, 64
-  cfg = config_lib.GmmConfig(block_m=128, block_n=128, block_k=64,
-                             max_concurrent_steps=steps, num_compute_wgs=num_compute_wgs,
-                             chain_items=chain, epilogue_rows=64 if chain else None)
+  tile = SPLIT_ROWS if split_rows else dict(block_m=128, block_n=128,
+                                            epilogue_rows=64 if chain else None)
+  cfg = config_lib.GmmConfig(block_k=64, max_concurrent_steps=steps,
+                             num_compute_wgs=num_compute_wgs, chain_items=chain, **tile)
   rhs_shape = (g, n, k) if transpose_rhs else (g, k, n)
   text = _lower_for_h100(
       lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs,
@@ -267,7 +288,7 @@ def test_gmm_lowers_for_h100_many_groups():
     (jnp.bfloat16, jnp.bfloat16, True, "k", "cols")])
 def test_tgmm_lowers_for_h100(dtype, out_dtype, ws, consumers, epilogue_rows):
   m, k, n, g = 4096, 1024, 1024, 64
-  tile = dict(block_k=64, block_n=256, split_k=True) if consumers == "k" else dict(
+  tile = dict(block_k=64, block_n=256, split_rows=True) if consumers == "k" else dict(
       block_k=128, block_n=128)
   if epilogue_rows == "cols":  # 4 slots, the epilogue staged in 64x128 halves
     tile, epilogue_rows = dict(tile, epilogue_cols=128), None
@@ -332,14 +353,20 @@ def test_config_validates_itself():
   assert config_lib.tgmm_config(16384, 4096, 2048, 8, out_itemsize=4).num_compute_wgs == 1
   # Two consumers on the top and bottom rows of 128x256 tiles, staged in 64x128 chunks.
   split = config_lib.tgmm_config(32768, 7168, 2048, 256)
-  assert (split.split_k, split.cta_block_k, split.cta_block_n) == (True, 128, 256)
+  assert (split.split_rows, split.cta_tile_rows, split.cta_block_n) == (True, 128, 256)
   assert split.smem_bytes(2, 2) <= config_lib.SMEM_BYTES
   with pytest.raises(NotImplementedError, match="multiple of 128"):
     split.validate_for(64 * 3, 256)
   with pytest.raises(ValueError, match="epilogue_cols"):
     config_lib.TgmmConfig(block_n=256, epilogue_cols=96)
-  with pytest.raises(ValueError, match="split_k=True needs"):
-    config_lib.TgmmConfig(warp_specialized=True, split_k=True)
+  with pytest.raises(ValueError, match="split_rows=True needs"):
+    config_lib.TgmmConfig(warp_specialized=True, split_rows=True)
+  # gmm: consumers on the top and bottom 64 rows of 128x256 tiles, 4 stages.
+  split_gmm = config_lib.GmmConfig(num_compute_wgs=2, chain_items=True, **SPLIT_ROWS)
+  assert (split_gmm.cta_tile_rows, split_gmm.cta_block_n) == (128, 256)
+  assert split_gmm.smem_bytes(2, 2) == 4 * (128 + 256) * 64 * 2 + 2 * 64 * 128 * 2
+  with pytest.raises(ValueError, match="split_rows=True needs"):
+    config_lib.GmmConfig(split_rows=True)
 
 
 def test_tgmm_metadata_covers_each_group_from_an_8_aligned_row():
@@ -389,3 +416,16 @@ def test_gmm_metadata_covers_every_row_once(block_m):
       else:
         assert start[i] >= used
     assert (cover == 1).all()
+
+
+def test_fused_srelu_epilogues_reject_split_rows():
+  from pallas_kernels.fused_srelu_mgpu import gmm_dsrelu_mgpu, gmm_srelu_mgpu
+  m, h, f = 256, 128, 256
+  sizes, p = jnp.asarray([100, 156], jnp.int32), jnp.ones((m,))
+  cfg = config_lib.GmmConfig(num_compute_wgs=2, **SPLIT_ROWS)
+  with pytest.raises(NotImplementedError, match="split_rows=False"):
+    gmm_srelu_mgpu(jnp.ones((m, h), jnp.bfloat16), jnp.ones((2, h, f), jnp.bfloat16), sizes,
+                   p, interpret=True, config=cfg)
+  with pytest.raises(NotImplementedError, match="split_rows=False"):
+    gmm_dsrelu_mgpu(jnp.ones((m, h), jnp.bfloat16), jnp.ones((2, f, h), jnp.bfloat16), sizes,
+                    jnp.ones((m, f), jnp.bfloat16), p, interpret=True, config=cfg)

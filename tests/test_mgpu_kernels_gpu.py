@@ -104,7 +104,7 @@ def test_tgmm_full_size(m, k, n, g, pad, out_dtype, tol, split_n):
   if split_n:
     if cfg.num_compute_wgs == 1:
       pytest.skip("one consumer warpgroup")
-    cfg = dataclasses.replace(cfg, block_k=128, block_n=128, split_k=False,
+    cfg = dataclasses.replace(cfg, block_k=128, block_n=128, split_rows=False,
                               epilogue_rows=64, epilogue_cols=None)
   rng = np.random.default_rng(m + g + 1)
   keys = jax.random.split(jax.random.key(m + k + n + g + 1), 2)
