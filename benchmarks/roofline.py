@@ -27,22 +27,30 @@ from benchmarks import timing
 from benchmarks.shapes import flops
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PASSES = ("fwd", "dgrad", "wgrad", "fwd+bwd")
 # Issue 3's targets, as ratios to dense: (at G=8, at G >= 64).
 TARGETS = {"fwd": (0.90, 0.75), "fwd+bwd": (0.80, 0.65)}
 
 
+def _gemms(pass_: str) -> int:
+  """GEMMs in a pass: fwd+bwd is fwd, dgrad and wgrad."""
+  return 3 if pass_ == "fwd+bwd" else 1
+
+
 def min_bytes(m: int, k: int, n: int, g: int, pass_: str, itemsize: int = 2) -> int:
   """Bytes a pass moves if it reads each operand and writes its result once."""
-  per_pass = itemsize * (m * k + g * k * n + m * n)
-  return per_pass * (3 if pass_ == "fwd+bwd" else 1)
+  return itemsize * (m * k + g * k * n + m * n) * _gemms(pass_)
+
+
+def _compute_and_memory_s(m, k, n, g, pass_, dense_tflops: float, hbm_gbps: float):
+  """(its FLOPs at the dense rate, its bytes at the HBM bandwidth) in seconds."""
+  return (flops(m, k, n, _gemms(pass_)) / (dense_tflops * 1e12),
+          min_bytes(m, k, n, g, pass_) / (hbm_gbps * 1e9))
 
 
 def attainable_ratio(m, k, n, g, pass_, dense_tflops: float, hbm_gbps: float) -> float:
   """The best ratio to dense a pass can reach: compute at the dense rate, its
   bytes at the HBM bandwidth, perfectly overlapped."""
-  compute_s = flops(m, k, n, 3 if pass_ == "fwd+bwd" else 1) / (dense_tflops * 1e12)
-  memory_s = min_bytes(m, k, n, g, pass_) / (hbm_gbps * 1e9)
+  compute_s, memory_s = _compute_and_memory_s(m, k, n, g, pass_, dense_tflops, hbm_gbps)
   return compute_s / max(compute_s, memory_s)
 
 
@@ -69,10 +77,10 @@ def records(gemm: dict, hbm_gbps: float) -> list[dict]:
     if dense is None:
       continue
     target = TARGETS.get(pass_, (None, None))[0 if g <= 8 else 1]
+    floor_s = max(_compute_and_memory_s(m, k, n, g, pass_, dense, hbm_gbps))
     out.append(dict(
         M=m, K=k, N=n, G=g, pass_=pass_, bytes=min_bytes(m, k, n, g, pass_),
-        floor_ms=round(max(flops(m, k, n, 3 if pass_ == "fwd+bwd" else 1) / (dense * 1e9),
-                           min_bytes(m, k, n, g, pass_) / (hbm_gbps * 1e6)), 4),
+        floor_ms=round(floor_s * 1e3, 4),
         attainable_vs_dense=round(attainable_ratio(m, k, n, g, pass_, dense, hbm_gbps), 3),
         measured_vs_dense=round(ours / dense, 3), target_vs_dense=target))
   return out
@@ -95,6 +103,8 @@ def main() -> None:
   parser.add_argument("--gemm-results", default=os.path.join(RESULTS, "grouped_gemm.json"))
   parser.add_argument("--hbm-gbps", type=float, default=None,
                       help="skip the measurement (no GPU needed)")
+  parser.add_argument("--hbm-source", default=None,
+                      help="with --hbm-gbps: where that bandwidth was measured (recorded)")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   import jax
@@ -102,8 +112,10 @@ def main() -> None:
   with open(args.gemm_results) as f:
     gemm = json.load(f)
   recs = records(gemm, hbm)
-  result = dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
-                hbm_gbps=round(hbm, 1), hbm_measured=args.hbm_gbps is None,
+  measured = args.hbm_gbps is None
+  result = dict(jax=jax.__version__, hbm_gbps=round(hbm, 1),
+                hbm_source=(f"measured here on {jax.devices()[0].device_kind}" if measured
+                            else args.hbm_source or "given with --hbm-gbps"),
                 gemm_results=os.path.basename(args.gemm_results),
                 gemm_card=gemm.get("card"), records=recs)
   with open(args.out, "w") as f:
