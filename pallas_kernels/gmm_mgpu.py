@@ -466,11 +466,6 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
     def compute_item(item, n_cluster, pipeline_state=None):
       n_cta = cta_tile(n_cluster)
       item_where, where = where_of(item, n_cta)
-      # With split_rows a consumer whose block_m rows hold none of the item's
-      # (the top or bottom of a group's last tile) skips its wgmmas, so a group
-      # costs whole block_m-row halves rather than whole tiles.
-      has_rows = (where["row_end"] > where["tile_row0"]) & (
-          where["row_start"] < where["tile_row0"] + bm) if cfg.split_rows else True
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
@@ -490,11 +485,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
           lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
         else:
           lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[:, pl.ds(wg * bn, bn)]
-
-        @pl.when(has_rows)
-        def _():
-          plgpu.wgmma(acc_ref, lhs_wg, rhs_wg.T if transpose_rhs else rhs_wg)
-          plgpu.wgmma_wait(0)
+        plgpu.wgmma(acc_ref, lhs_wg, rhs_wg.T if transpose_rhs else rhs_wg)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       lhs_rows = _tile_rows(lhs_gmem, item_where["tile_row0"], cfg.cta_tile_rows)
