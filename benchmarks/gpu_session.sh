@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU cycle, a section or two per device call (tests alone take ~570 s on an H100):
-#   bash benchmarks/gpu_session.sh [SECTION ...]     sections: tests demo mlp gemm offload
+# The GPU cycle, a section or two per device call (a device call runs 600 s at most):
+#   bash benchmarks/gpu_session.sh [SECTION ...]
+#   sections: kernel_tests tests demo mlp gemm offload
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_session_out.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
-sections=${*:-tests demo mlp offload}
+sections=${*:-kernel_tests tests demo mlp offload}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__)"
 run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
@@ -15,8 +16,11 @@ run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
   tail -n 12 "$out/$name.log"
 }
 for s in $sections; do case $s in
-  # ~570 s in session 11: a device call of its own (600 s at most).
-  tests) run gpu_tests 590 python -m pytest -m gpu tests -q -x -p no:cacheprovider -rfE ;;
+  # All GPU tests took ~570 s in session 11, before the split_rows cases: in two parts.
+  kernel_tests) run gpu_kernel_tests 590 python -m pytest -m gpu tests/test_mgpu_kernels_gpu.py \
+    -q -x -p no:cacheprovider -rfE --durations=10 ;;
+  tests) run gpu_tests 590 python -m pytest -m gpu tests -q -x -p no:cacheprovider -rfE \
+    --durations=10 --ignore=tests/test_mgpu_kernels_gpu.py ;;
   demo)
     run demo_device 150 python -m jaxmoe.demo --preset gpu --steps 30 --offload-names none
     run demo_offload 150 python -m jaxmoe.demo --preset gpu --steps 30 --hlo-out "$out/demo_offload.hlo"

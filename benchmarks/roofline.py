@@ -8,7 +8,17 @@ gradients) dominate once G is large. The pass then takes at least
     floor = max(FLOPs / dense matmul rate, bytes / HBM bandwidth)
 
 and its best possible ratio to the dense matmul (the issue's measure) is
-(FLOPs / dense rate) / floor. This script measures the HBM bandwidth on the GPU
+(FLOPs / dense rate) / floor.
+
+The kernels also compute rows they do not keep: a gmm work item is a whole
+128-row tile from its group's first row, so a group of s rows costs cdiv(s, 128)
+tiles (`metadata.gmm_metadata`), and tgmm steps over 64-row blocks the same way.
+The tile efficiency (useful rows / computed rows, at the benchmark's group
+sizes) caps a pass whose MMAs set its pace at that share of the dense rate;
+`attainable_with_tiles` takes it into account:
+(FLOPs / dense rate) / max(FLOPs / dense rate / efficiency, bytes / bandwidth).
+
+This script measures the HBM bandwidth on the GPU
 (a copy, `a + 1` on a 2 GiB bf16 array: read and write, like the kernels), takes
 the dense rates and the kernels' TF/s from a grouped_gemm.py results file, and
 writes one record per shape and pass: bytes, the floor, the attainable and the
@@ -23,8 +33,12 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from benchmarks import timing
-from benchmarks.shapes import flops
+from benchmarks.shapes import flops, random_group_sizes
+from pallas_kernels import config as config_lib
+from pallas_kernels import metadata as metadata_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Issue 3's targets, as ratios to dense: (at G=8, at G >= 64).
@@ -47,11 +61,39 @@ def _compute_and_memory_s(m, k, n, g, pass_, dense_tflops: float, hbm_gbps: floa
           min_bytes(m, k, n, g, pass_) / (hbm_gbps * 1e9))
 
 
-def attainable_ratio(m, k, n, g, pass_, dense_tflops: float, hbm_gbps: float) -> float:
-  """The best ratio to dense a pass can reach: compute at the dense rate, its
-  bytes at the HBM bandwidth, perfectly overlapped."""
+def attainable_ratio(m, k, n, g, pass_, dense_tflops: float, hbm_gbps: float,
+                     efficiency: float = 1.0) -> float:
+  """The best ratio to dense a pass can reach: compute at the dense rate (of
+  which `efficiency` is useful work), its bytes at the HBM bandwidth, perfectly
+  overlapped."""
   compute_s, memory_s = _compute_and_memory_s(m, k, n, g, pass_, dense_tflops, hbm_gbps)
-  return compute_s / max(compute_s, memory_s)
+  return compute_s / max(compute_s / efficiency, memory_s)
+
+
+def gmm_tile_efficiency(group_sizes, m: int, tile_rows: int) -> float:
+  """Rows of the groups / rows the gmm kernel's compute items multiply."""
+  meta = metadata_lib.gmm_metadata(np.asarray(group_sizes, np.int32), m, tile_rows)
+  return float(np.sum(group_sizes)) / (int(meta.counts[0]) * tile_rows)
+
+
+def tgmm_tile_efficiency(group_sizes, m: int, block_rows: int) -> float:
+  """Rows of the groups / rows of the row blocks the tgmm kernel steps over."""
+  meta = metadata_lib.tgmm_metadata(np.asarray(group_sizes, np.int32), m, block_rows)
+  return float(np.sum(group_sizes)) / (int(np.sum(meta.num_blocks)) * block_rows)
+
+
+def tile_efficiency(m: int, k: int, n: int, g: int, pass_: str) -> float:
+  """Useful share of the MMA work of a pass's default kernels at the benchmark's
+  group sizes (`shapes.random_group_sizes`); fwd+bwd weighs its three GEMMs by
+  time (equal FLOPs each)."""
+  sizes = random_group_sizes(m, g)
+  fwd = gmm_tile_efficiency(sizes, m, config_lib.gmm_config(m, k, n, g).cta_tile_rows)
+  dgrad = gmm_tile_efficiency(sizes, m, config_lib.gmm_config(m, n, k, g).cta_tile_rows)
+  wgrad = tgmm_tile_efficiency(sizes, m, config_lib.tgmm_config(m, k, n, g).block_m)
+  per_pass = {"fwd": fwd, "dgrad": dgrad, "wgrad": wgrad}
+  if pass_ == "fwd+bwd":
+    return 3 / sum(1 / e for e in per_pass.values())
+  return per_pass[pass_]
 
 
 def measure_hbm_gbps(gib: float = 2.0) -> float:
@@ -78,10 +120,14 @@ def records(gemm: dict, hbm_gbps: float) -> list[dict]:
       continue
     target = TARGETS.get(pass_, (None, None))[0 if g <= 8 else 1]
     floor_s = max(_compute_and_memory_s(m, k, n, g, pass_, dense, hbm_gbps))
+    efficiency = tile_efficiency(m, k, n, g, pass_)
     out.append(dict(
         M=m, K=k, N=n, G=g, pass_=pass_, bytes=min_bytes(m, k, n, g, pass_),
         floor_ms=round(floor_s * 1e3, 4),
         attainable_vs_dense=round(attainable_ratio(m, k, n, g, pass_, dense, hbm_gbps), 3),
+        tile_efficiency=round(efficiency, 3),
+        attainable_with_tiles=round(
+            attainable_ratio(m, k, n, g, pass_, dense, hbm_gbps, efficiency), 3),
         measured_vs_dense=round(ours / dense, 3), target_vs_dense=target))
   return out
 
@@ -89,12 +135,13 @@ def records(gemm: dict, hbm_gbps: float) -> list[dict]:
 def format_table(recs: list[dict], hbm_gbps: float) -> str:
   lines = [f"HBM copy bandwidth {hbm_gbps:.0f} GB/s",
            f"{'M,K,N,G':24s} {'pass':8s} {'GiB':>6s} {'floor ms':>9s} {'attainable':>10s} "
-           f"{'measured':>9s} {'target':>7s}"]
+           f"{'tile eff':>8s} {'w/ tiles':>8s} {'measured':>9s} {'target':>7s}"]
   for r in recs:
     shape = ",".join(str(r[x]) for x in "MKNG")
     target = f"{r['target_vs_dense']:.2f}" if r["target_vs_dense"] else "-"
     lines.append(f"{shape:24s} {r['pass_']:8s} {r['bytes'] / 2**30:6.2f} {r['floor_ms']:9.3f} "
-                 f"{r['attainable_vs_dense']:10.2f} {r['measured_vs_dense']:9.2f} {target:>7s}")
+                 f"{r['attainable_vs_dense']:10.2f} {r['tile_efficiency']:8.2f} "
+                 f"{r['attainable_with_tiles']:8.2f} {r['measured_vs_dense']:9.2f} {target:>7s}")
   return "\n".join(lines)
 
 
