@@ -83,3 +83,26 @@ def test_roofline_floor_is_the_slower_of_compute_and_memory():
   (rec,) = roofline.records(gemm, hbm_gbps=3000)
   assert rec["pass_"] == "wgrad" and rec["measured_vs_dense"] == 0.4
   assert rec["attainable_vs_dense"] == round(ratio, 3) and rec["target_vs_dense"] is None
+  # wgrad tiles: 64-row blocks of the G=256 groups (128 rows on average).
+  assert 0.7 < rec["tile_efficiency"] < 0.85
+  assert rec["attainable_with_tiles"] <= rec["attainable_vs_dense"]
+
+
+def test_tile_efficiency_counts_the_rows_the_kernels_multiply():
+  # gmm, 128-row tiles from each group's first row (rounded down to 8).
+  assert roofline.gmm_tile_efficiency([64, 192], 256, 128) == 256 / (3 * 128)
+  # Empty groups and padding rows past the sum cost no compute tiles.
+  assert roofline.gmm_tile_efficiency([64, 0, 100], 256, 128) == 164 / (2 * 128)
+  # tgmm, 64-row blocks: group 1 starts at row 60, its blocks at row 56.
+  assert roofline.tgmm_tile_efficiency([64, 192], 256, 64) == 1.0
+  assert roofline.tgmm_tile_efficiency([60, 196], 256, 64) == 256 / (5 * 64)
+  # fwd+bwd: three GEMMs of equal FLOPs, each taking time in proportion to 1/efficiency.
+  shape = (16384, 4096, 1024, 64)
+  passes = [roofline.tile_efficiency(*shape, p) for p in ("fwd", "dgrad", "wgrad")]
+  assert roofline.tile_efficiency(*shape, "fwd+bwd") == pytest.approx(
+      3 / sum(1 / e for e in passes))
+  assert 0.7 < passes[0] < 0.85  # 165 tiles of 128 rows for 16384 rows
+  # An MMA-bound pass reaches at most its efficiency; a memory-bound one is unchanged.
+  assert roofline.attainable_ratio(16384, 4096, 2048, 8, "fwd", 700, 3000, 0.8) == 0.8
+  assert roofline.attainable_ratio(32768, 7168, 2048, 256, "fwd", 700, 3000, 0.9) == (
+      roofline.attainable_ratio(32768, 7168, 2048, 256, "fwd", 700, 3000))
