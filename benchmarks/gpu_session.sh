@@ -16,7 +16,8 @@ run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
   tail -n 12 "$out/$name.log"
 }
 for s in $sections; do case $s in
-  # All GPU tests took ~570 s in session 11, before the split_rows cases: in two parts.
+  # All GPU tests took ~570 s in session 11, before the split_rows cases: in two parts
+  # (session 13: kernel_tests 251 s; the rest did not finish in 390 s, ~360 s by subtraction).
   kernel_tests) run gpu_kernel_tests 590 python -m pytest -m gpu tests/test_mgpu_kernels_gpu.py \
     -q -x -p no:cacheprovider -rfE --durations=10 ;;
   tests) run gpu_tests 590 python -m pytest -m gpu tests -q -x -p no:cacheprovider -rfE \
