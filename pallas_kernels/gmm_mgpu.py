@@ -469,6 +469,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
     def compute_item(item, n_cluster, pipeline_state=None):
       n_cta = cta_tile(n_cluster)
       item_where, where = where_of(item, n_cta)
+      top_half_only = cfg.half_tails and (
+          item_where["row_end"] <= item_where["tile_row0"] + bm // 2)
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
@@ -481,41 +483,30 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
             epilogue(acc_ref[...], o_smem.of_consumer(wg), ins, outs, scratch, barriers,
                      item=item, where=where)
 
-      def mma_rows(rows):
-        """The pipeline body: wgmmas on the first `rows` rows of the consumer's tile."""
-        def mma(_, lhs_smem, rhs_smem, acc_ref):
-          if cfg.split_rows:
-            lhs_wg, rhs_wg = lhs_smem.at[pl.ds(wg * bm, bm)], rhs_smem
-          elif transpose_rhs:
-            lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
-          else:
-            lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[:, pl.ds(wg * bn, bn)]
-          rhs_wg = rhs_wg.T if transpose_rhs else rhs_wg
-          if rows == bm:
-            plgpu.wgmma(acc_ref, lhs_wg, rhs_wg)
-          else:
-            top = pl.ds(0, rows)
-            plgpu.wgmma(acc_ref.at[top], lhs_wg.at[top], rhs_wg)
-          plgpu.wgmma_wait(0)
-          return acc_ref
-        return mma
+      def mma(_, lhs_smem, rhs_smem, acc_ref):
+        if cfg.split_rows:
+          lhs_wg, rhs_wg = lhs_smem.at[pl.ds(wg * bm, bm)], rhs_smem
+        elif transpose_rhs:
+          lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
+        else:
+          lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[:, pl.ds(wg * bn, bn)]
+        rhs_wg = rhs_wg.T if transpose_rhs else rhs_wg
+        if cfg.half_tails:
+          # The rows below the item's stay as they are: the epilogue does not store them.
+          top = pl.ds(0, bm // 2)
+          pl.when(top_half_only)(lambda: plgpu.wgmma(acc_ref.at[top], lhs_wg.at[top], rhs_wg))
+          pl.when(~top_half_only)(lambda: plgpu.wgmma(acc_ref, lhs_wg, rhs_wg))
+        else:
+          plgpu.wgmma(acc_ref, lhs_wg, rhs_wg)
+        plgpu.wgmma_wait(0)
+        return acc_ref
 
       lhs_rows = _tile_rows(lhs_gmem, item_where["tile_row0"], cfg.cta_tile_rows)
       cols = pl.ds(n_cta * cta_n, cta_n)
       rhs_g = rhs_gmem.at[meta.group_id[item]]
       rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
-      run_pipeline = lambda rows: get_pipeline(  # noqa: E731
-          mma_rows(rows), compute_context, pipeline_state=pipeline_state)(
-              lhs_rows, rhs_cols, allocations=pipeline_allocs)
-      if cfg.half_tails:
-        # One branch per item, not per K step (a branch around each wgmma cost
-        # 5-20%). The rows below a half tail's stay as they are: the epilogue
-        # does not store them.
-        top_half_only = item_where["row_end"] <= item_where["tile_row0"] + bm // 2
-        pl.when(top_half_only)(lambda: run_pipeline(bm // 2))
-        pl.when(~top_half_only)(lambda: run_pipeline(bm))
-      else:
-        run_pipeline(bm)
+      get_pipeline(mma, compute_context, pipeline_state=pipeline_state)(
+          lhs_rows, rhs_cols, allocations=pipeline_allocs)
 
     def zero_item(item, n_cluster):  # Padding rows: zeros, written by the consumers.
       zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
