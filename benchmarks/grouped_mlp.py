@@ -10,9 +10,11 @@ cotangent, returning the gradients of x, w1, w2 and the scales. All implementati
 and passes of a shape are timed in turn, in 5 interleaved rounds
 (`timing.interleaved_ms`: 10 back-to-back calls, one wait, median of 3 per round).
 
-    PYTHONPATH=. python benchmarks/grouped_mlp.py [--quick]
+    PYTHONPATH=. python benchmarks/grouped_mlp.py [--quick | --shapes 0,2] [--out FILE]
 
-Writes benchmarks/results/grouped_mlp.json and prints a table of ms and ratios.
+Writes benchmarks/results/grouped_mlp.json after each shape (with "complete": false
+until the last one is done, so a run cut short keeps what it measured) and prints a
+table of ms and ratios.
 """
 
 from __future__ import annotations
@@ -116,24 +118,39 @@ def print_table(records):
           f"{ratio('ragged_dot', 'fused'):>10}")
 
 
+def parse_shapes(text: str) -> tuple:
+  """'0,2' -> those entries of SHAPES; ValueError naming the valid indices otherwise."""
+  try:
+    return tuple(SHAPES[int(i)] for i in text.split(","))
+  except (ValueError, IndexError):
+    raise ValueError(f"--shapes takes indices into {len(SHAPES)} shapes (0-{len(SHAPES) - 1}, "
+                     f"comma-separated), got {text!r}") from None
+
+
+def write_results(path: str, records: list[dict], complete: bool) -> None:
+  device = jax.devices()[0]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"card": device.device_kind, "jax": jax.__version__,
+               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+               "complete": complete, "records": records}, f, indent=1)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="only the first shape")
+  p.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
   p.add_argument("--out", default=RESULTS)
   args = p.parse_args()
+  shapes = SHAPES[:1] if args.quick else parse_shapes(args.shapes) if args.shapes else SHAPES
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   records = []
-  for shape in SHAPES[:1] if args.quick else SHAPES:
+  for i, shape in enumerate(shapes):
     log(f"{shape}")
     records += bench_shape(*shape, log)
-  device = jax.devices()[0]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"card": device.device_kind, "jax": jax.__version__,
-               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-               "records": records}, f, indent=1)
-  print(f"{device.device_kind}, jax {jax.__version__}")
+    write_results(args.out, records, complete=i == len(shapes) - 1)
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
   print_table(records)
 
 

@@ -134,11 +134,6 @@ class GmmConfig(_ConsumerTiles):
       benchmark shapes 0.97-1.04x the default, within noise: H100, 2026-11-27.)
     epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
       that divides block_n; None = block_n).
-    half_tails: two consumers side by side only (split_rows=False), block_m a
-      multiple of 128. True: an item whose rows all lie in the top half of its
-      tile (most of a group's last tiles) runs (block_m/2)-row wgmmas on that
-      half only, so such a tail costs half a tile of MMAs (it still loads the
-      whole lhs and rhs tiles). Experimental: not yet measured on a GPU.
   """
   block_m: int = 128
   block_n: int = 128
@@ -151,7 +146,6 @@ class GmmConfig(_ConsumerTiles):
   cluster_n: int = 1
   split_rows: bool = False
   epilogue_cols: int | None = None
-  half_tails: bool = False
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -174,10 +168,6 @@ class GmmConfig(_ConsumerTiles):
       raise ValueError(f"cluster_n={self.cluster_n} must be 1 or 2.")
     if self.cluster_n == 2 and self.num_compute_wgs == 1:
       raise ValueError("cluster_n=2 needs the warp-specialised kernel (num_compute_wgs=2).")
-    if self.half_tails and (self.num_compute_wgs == 1 or self.split_rows
-                            or self.block_m % 128):
-      raise ValueError("half_tails=True needs two consumers side by side (num_compute_wgs=2, "
-                       f"split_rows=False) and block_m a multiple of 128, got {self}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "

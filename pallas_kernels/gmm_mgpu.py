@@ -419,9 +419,6 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   block_m x (2*block_n) tile (or with cfg.split_rows the top and bottom halves
   of a (2*block_m) x block_n tile), and run the epilogue on it.
 
-  With cfg.half_tails an item whose rows all lie in the top half of its tile
-  multiplies only that half.
-
   With cfg.chain_items the compute items (metadata items [0, C)) come first,
   as one chain of pipelines per SM (the producer runs ahead into the next
   item), then the consumers write the padding items [C, U) without the
@@ -469,8 +466,6 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
     def compute_item(item, n_cluster, pipeline_state=None):
       n_cta = cta_tile(n_cluster)
       item_where, where = where_of(item, n_cta)
-      top_half_only = cfg.half_tails and (
-          item_where["row_end"] <= item_where["tile_row0"] + bm // 2)
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
@@ -490,14 +485,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
           lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
         else:
           lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[:, pl.ds(wg * bn, bn)]
-        rhs_wg = rhs_wg.T if transpose_rhs else rhs_wg
-        if cfg.half_tails:
-          # The rows below the item's stay as they are: the epilogue does not store them.
-          top = pl.ds(0, bm // 2)
-          pl.when(top_half_only)(lambda: plgpu.wgmma(acc_ref.at[top], lhs_wg.at[top], rhs_wg))
-          pl.when(~top_half_only)(lambda: plgpu.wgmma(acc_ref, lhs_wg, rhs_wg))
-        else:
-          plgpu.wgmma(acc_ref, lhs_wg, rhs_wg)
+        plgpu.wgmma(acc_ref, lhs_wg, rhs_wg.T if transpose_rhs else rhs_wg)
         plgpu.wgmma_wait(0)
         return acc_ref
 

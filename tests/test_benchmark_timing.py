@@ -1,11 +1,15 @@
-"""benchmarks/: interleaved timing, config A/B variants, profiler summaries, rooflines."""
+"""benchmarks/: interleaved timing, config A/B variants, profiler summaries, rooflines,
+the MLP benchmark's shape selection and results file."""
 
 from __future__ import annotations
+
+import json
+import sys
 
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import config_ab, profile_kernels, roofline, timing
+from benchmarks import config_ab, grouped_mlp, profile_kernels, roofline, timing
 from pallas_kernels import config as config_lib
 
 
@@ -106,3 +110,34 @@ def test_tile_efficiency_counts_the_rows_the_kernels_multiply():
   assert roofline.attainable_ratio(16384, 4096, 2048, 8, "fwd", 700, 3000, 0.8) == 0.8
   assert roofline.attainable_ratio(32768, 7168, 2048, 256, "fwd", 700, 3000, 0.9) == (
       roofline.attainable_ratio(32768, 7168, 2048, 256, "fwd", 700, 3000))
+
+
+def test_grouped_mlp_parses_shapes():
+  assert grouped_mlp.parse_shapes("2,0") == (grouped_mlp.SHAPES[2], grouped_mlp.SHAPES[0])
+  for bad in ("3", "x", "0,,1"):
+    with pytest.raises(ValueError, match="--shapes takes indices"):
+      grouped_mlp.parse_shapes(bad)
+
+
+def test_grouped_mlp_writes_results_after_each_shape(monkeypatch, tmp_path):
+  """A run cut short in its second shape leaves the first shape's records, marked incomplete."""
+  out = tmp_path / "mlp.json"
+
+  def fake_bench_shape(m, h, f, g, log):
+    if g == grouped_mlp.SHAPES[1][3]:
+      raise KeyboardInterrupt  # what a time limit does to the run
+    return [{"tokens": m, "H": h, "F": f, "G": g, "pass": "fwd", "impl": "fused", "ms": 1.0}]
+
+  monkeypatch.setattr(grouped_mlp, "bench_shape", fake_bench_shape)
+  monkeypatch.setattr(sys, "argv", ["grouped_mlp.py", "--shapes", "0,1", "--out", str(out)])
+  with pytest.raises(KeyboardInterrupt):
+    grouped_mlp.main()
+  first = json.loads(out.read_text())
+  assert not first["complete"]
+  assert [r["G"] for r in first["records"]] == [grouped_mlp.SHAPES[0][3]]
+
+  monkeypatch.setattr(sys, "argv", ["grouped_mlp.py", "--shapes", "2,0", "--out", str(out)])
+  grouped_mlp.main()
+  both = json.loads(out.read_text())
+  assert both["complete"]
+  assert [r["G"] for r in both["records"]] == [grouped_mlp.SHAPES[2][3], grouped_mlp.SHAPES[0][3]]

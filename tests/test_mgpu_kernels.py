@@ -103,14 +103,6 @@ CHAINED_CASES = [
                           epilogue_cols=64), 3),
     (344, 256, 256, [50, 0, 90, 30, 0, 101], True, jnp.float32,
      config_lib.GmmConfig(**{**CHAINED, "block_n": 128}, split_rows=True, cluster_n=2), 4),
-    # half_tails: groups 0 and 2 end in the top half of their last tile (rows 0-16 of
-    # the tile from row 0, rows 272-316 of the one moved up to end at M, from row 264);
-    # group 3's rows 317-336 straddle that tile's halves.
-    (392, 128, 256, [17, 0, 300, 20, 55], False, jnp.bfloat16,
-     config_lib.GmmConfig(**{**CHAINED, "block_m": 128}, half_tails=True), 3),
-    (392, 128, 256, [17, 0, 300, 20], True, jnp.float32,
-     config_lib.GmmConfig(**{**CHAINED, "block_m": 128, "chain_items": False},
-                          half_tails=True, cluster_n=2), 4),
     # Two clusters of two SMs, each SM a chain of items.
     (344, 256, 512, [50, 0, 90, 30, 0, 101], True, jnp.bfloat16,
      config_lib.GmmConfig(**CHAINED, cluster_n=2), 4),
@@ -279,13 +271,6 @@ def test_gmm_lowers_for_h100_in_clusters(transpose_rhs, chain):
   _assert_gmm_lowers(cfg, transpose_rhs)
 
 
-@pytest.mark.parametrize("transpose_rhs", [False, True])
-def test_gmm_lowers_for_h100_with_half_tails(transpose_rhs):
-  cfg = dataclasses.replace(config_lib.gmm_config(16384, 1024, 1024, 64), half_tails=True)
-  assert cfg.chain_items  # the heuristic's kernel at 256 rows a group
-  _assert_gmm_lowers(cfg, transpose_rhs)
-
-
 def test_gmm_lowers_for_h100_many_groups():
   text = _lower_for_h100(
       gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
@@ -380,10 +365,6 @@ def test_config_validates_itself():
   assert split_gmm.smem_bytes(2, 2) == 4 * (128 + 256) * 64 * 2 + 2 * 64 * 128 * 2
   with pytest.raises(ValueError, match="split_rows=True needs"):
     config_lib.GmmConfig(split_rows=True)
-  for bad in (dict(), dict(num_compute_wgs=2, **SPLIT_ROWS),
-              dict(num_compute_wgs=2, block_m=64)):
-    with pytest.raises(ValueError, match="half_tails=True needs"):
-      config_lib.GmmConfig(half_tails=True, **bad)
 
 
 def test_tgmm_metadata_covers_each_group_from_an_8_aligned_row():
