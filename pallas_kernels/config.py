@@ -48,11 +48,9 @@ class _ConsumerTiles:
   on a block of getattr(self, _TILE_ROWS) x block_n outputs, side by side along N
   or (split_rows) one above the other; an epilogue that stages each consumer's
   tile epilogue_rows x epilogue_cols (or all of it) at a time; SMs in clusters of
-  cluster_n side by side along N or cluster_m one above the other along M (1 unless
-  a config has the field)."""
+  cluster_n side by side along N (1 unless a config has the field)."""
   _TILE_ROWS: str
   cluster_n = 1
-  cluster_m = 1
 
   @property
   def cta_tile_rows(self) -> int:
@@ -68,16 +66,6 @@ class _ConsumerTiles:
   def cluster_block_n(self) -> int:
     """Output columns of the work items of one cluster of SMs."""
     return self.cta_block_n * self.cluster_n
-
-  @property
-  def cluster_size(self) -> int:
-    """SMs in a cluster."""
-    return self.cluster_n * self.cluster_m
-
-  @property
-  def item_rows(self) -> int:
-    """Output rows of one work item of a cluster (all its SMs together)."""
-    return self.cta_tile_rows * self.cluster_m
 
   @property
   def staged_rows(self) -> int:
@@ -137,13 +125,6 @@ class GmmConfig(_ConsumerTiles):
       tiles (each loads half and multicasts it to both), so each SM loads a
       sixth less per K step; grid_block_n then counts pairs of tiles.
       1: no clusters.
-    cluster_m: warp-specialised only, not with cluster_n=2. 2: the SMs run in
-      clusters of two that compute the top and bottom cta_tile_rows rows of one
-      work item of 2*cta_tile_rows rows (one group's rows) and share its rhs
-      tiles (each loads half and multicasts it to both): the two row tiles of a
-      group read each weight tile once, in step. A group's last item may hold
-      rows for one SM only; the other computes rows it does not store.
-      1: no clusters along M.
     split_rows: two consumers only. True: they take the top and bottom
       block_m rows of a (2*block_m) x block_n item tile, sharing its rhs tile
       (with block_m=64, block_n=256: 64x256 wgmmas, as in CUTLASS's
@@ -165,7 +146,6 @@ class GmmConfig(_ConsumerTiles):
   cluster_n: int = 1
   split_rows: bool = False
   epilogue_cols: int | None = None
-  cluster_m: int = 1
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -188,11 +168,6 @@ class GmmConfig(_ConsumerTiles):
       raise ValueError(f"cluster_n={self.cluster_n} must be 1 or 2.")
     if self.cluster_n == 2 and self.num_compute_wgs == 1:
       raise ValueError("cluster_n=2 needs the warp-specialised kernel (num_compute_wgs=2).")
-    if self.cluster_m not in (1, 2):
-      raise ValueError(f"cluster_m={self.cluster_m} must be 1 or 2.")
-    if self.cluster_m == 2 and (self.num_compute_wgs == 1 or self.cluster_n == 2):
-      raise ValueError("cluster_m=2 needs the warp-specialised kernel (num_compute_wgs=2) "
-                       f"and cluster_n=1, got {self}.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "

@@ -36,10 +36,10 @@ class _RowScaledEpilogue(gmm_mgpu.Epilogue):
   """Shared by both: reads p for the tile's rows into a [block_m] smem vector."""
 
   def check_supported(self, m, cfg):
-    if cfg.split_rows or cfg.epilogue_cols or cfg.cluster_m != 1:
+    if cfg.split_rows or cfg.epilogue_cols:
       # The dp partial slots are per (item, n-tile), the h tile one staging buffer.
-      raise NotImplementedError("fused SReLU epilogues need split_rows=False, "
-                                "epilogue_cols=None and cluster_m=1.")
+      raise NotImplementedError(
+          "fused SReLU epilogues need split_rows=False and epilogue_cols=None.")
     if m < cfg.block_m:
       raise NotImplementedError(
           f"fused SReLU epilogues need M >= block_m={cfg.block_m}, got M={m}.")

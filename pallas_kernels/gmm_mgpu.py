@@ -19,8 +19,7 @@ Design:
     the next item's first tiles while the consumers store the current one.
     With config.cluster_n=2 (the heuristic's pick for small groups) the SMs run
     in clusters of two that take adjacent n-tiles of one item and multicast its
-    lhs tiles to each other; with config.cluster_m=2 they take the top and
-    bottom row tiles of one item twice as tall and multicast its rhs tiles.
+    lhs tiles to each other.
   * `store_rows` writes only the item's rows of the tile, staged through
     shared memory in passes of config.epilogue_rows rows: one TMA store from a
     swizzled buffer where the pass's rows are all the item's, else a ladder of
@@ -109,9 +108,6 @@ def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
     raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
   if config is None:
     config = config_lib.gmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize)
-  if config.cluster_m == 2 and m < config.item_rows:
-    raise NotImplementedError(
-        f"cluster_m=2 needs M >= {config.item_rows} (a work item's rows), got M={m}.")
   config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   check_hopper(interpret)
   return config
@@ -379,18 +375,15 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
   """The warp-specialised K pipeline: lhs [cta_tile_rows, block_k] and rhs tiles
   of [block_k, cta_block_n] (or [cta_block_n, block_k]) per step, in swizzled smem."""
   transforms = _smem_transforms(cfg.block_k, dtype)
-  # In a cluster of two the tile the SMs share (the lhs tile of adjacent n-tiles,
-  # or the rhs tile of adjacent row tiles) is loaded half by each and multicast.
+  # In a cluster of two (adjacent n-tiles of one item) the lhs tile is shared:
+  # each SM loads half of it and multicasts it to both.
   lhs_collective = ("cluster",) if cfg.cluster_n == 2 else ()
-  rhs_collective = ("cluster",) if cfg.cluster_m == 2 else ()
   if transpose_rhs:
     rhs_spec = plgpu.BlockSpec((cfg.cta_block_n, cfg.block_k), lambda ki: (0, ki),
-                               transforms=transforms, memory_space=plgpu.SMEM,
-                               collective_axes=rhs_collective)
+                               transforms=transforms, memory_space=plgpu.SMEM)
   else:
     rhs_spec = plgpu.BlockSpec((cfg.block_k, cfg.cta_block_n), lambda ki: (ki, 0),
-                               transforms=transforms, memory_space=plgpu.SMEM,
-                               collective_axes=rhs_collective)
+                               transforms=transforms, memory_space=plgpu.SMEM)
   return plgpu.emit_pipeline_warp_specialized(
       body,
       grid=(k // cfg.block_k,),
@@ -463,15 +456,12 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       return n_cluster * cfg.cluster_n + lax.axis_index("cluster")
 
     def where_of(item, n_cta):
-      """(this SM's `where`: its cta_tile_rows x cta_n tile of the item; the
-      epilogue's, for this consumer's block_m x block_n part of it)."""
-      row0 = meta.tile_row0[item]
-      if cfg.cluster_m == 2:  # The top or bottom cta_tile_rows of the item's rows.
-        row0 += lax.axis_index("cluster") * cfg.cta_tile_rows
-      sm_where = dict(_item_where(meta, item, n_cta, cfg), tile_row0=row0)
+      """(the item's `where`, the epilogue's for this consumer's block_m x block_n tile)."""
       if cfg.split_rows:
-        return sm_where, dict(sm_where, tile_row0=row0 + wg * bm)
-      return sm_where, dict(sm_where, n_tile=n_cta * cfg.num_compute_wgs + wg)
+        where = _item_where(meta, item, n_cta, cfg)
+        return where, dict(where, tile_row0=where["tile_row0"] + wg * bm)
+      where = _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
+      return where, where
 
     def compute_item(item, n_cluster, pipeline_state=None):
       n_cta = cta_tile(n_cluster)
@@ -580,17 +570,17 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
   epilogue.check_supported(m, cfg)
   epilogue.check_smem(cfg, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.item_rows)
+  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.cta_tile_rows)
   warp_specialized = cfg.num_compute_wgs > 1
-  clusters = (dict(cluster=(cfg.cluster_size,), cluster_names=("cluster",))
-              if cfg.cluster_size > 1 else {})
+  clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
+              if cfg.cluster_n > 1 else {})
   kernel = plgpu.kernel(
       functools.partial(_gmm_kernel_ws if warp_specialized else _gmm_kernel, cfg=cfg,
                         transpose_rhs=transpose_rhs, num_items=meta.num_items,
                         epilogue=epilogue, num_extra_inputs=len(extra_inputs), n=n,
                         out_dtype=out_dtype),
       out_type=epilogue.out_types(m, n, out_dtype, meta.num_items, cfg),
-      grid=(config_lib.num_sms() // cfg.cluster_size,),
+      grid=(config_lib.num_sms() // cfg.cluster_n,),
       grid_names=("sm",),
       **clusters,
       num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,

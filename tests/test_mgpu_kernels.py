@@ -81,16 +81,6 @@ GMM_CASES = [
     (200, 128, 512, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                           num_compute_wgs=2, cluster_n=2)),
-    # ... on the top and bottom row tiles of 128-row items, sharing the rhs tiles: the
-    # bottom SM has none of group 0's rows (0-50), the top one none of group 3's
-    # (140-170, in the item moved up to end at M: rows 72-200).
-    (200, 128, 256, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
-     config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
-                          num_compute_wgs=2, cluster_m=2)),
-    (392, 128, 128, [17, 0, 70, 150, 3], True, jnp.bfloat16, jnp.float32,
-     config_lib.GmmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
-                          num_compute_wgs=2, split_rows=True, epilogue_cols=64,
-                          cluster_m=2)),
 ]
 CHAINED = dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                num_compute_wgs=2, chain_items=True)
@@ -113,9 +103,6 @@ CHAINED_CASES = [
                           epilogue_cols=64), 3),
     (344, 256, 256, [50, 0, 90, 30, 0, 101], True, jnp.float32,
      config_lib.GmmConfig(**{**CHAINED, "block_n": 128}, split_rows=True, cluster_n=2), 4),
-    # Two clusters of two SMs on the row tiles of 256-row items, each a chain of items.
-    (392, 128, 128, [17, 0, 70, 150], True, jnp.float32,
-     config_lib.GmmConfig(**{**CHAINED, "block_m": 128}, cluster_m=2), 4),
     # Two clusters of two SMs, each SM a chain of items.
     (344, 256, 512, [50, 0, 90, 30, 0, 101], True, jnp.bfloat16,
      config_lib.GmmConfig(**CHAINED, cluster_n=2), 4),
@@ -284,14 +271,6 @@ def test_gmm_lowers_for_h100_in_clusters(transpose_rhs, chain):
   _assert_gmm_lowers(cfg, transpose_rhs)
 
 
-@pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("chain", [False, True])
-def test_gmm_lowers_for_h100_in_clusters_on_rows(transpose_rhs, chain):
-  cfg = dataclasses.replace(config_lib.gmm_config(16384, 4096, 1024, 64), cluster_m=2,
-                            chain_items=chain)
-  _assert_gmm_lowers(cfg, transpose_rhs)
-
-
 def test_gmm_lowers_for_h100_many_groups():
   text = _lower_for_h100(
       gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
@@ -356,11 +335,6 @@ def test_config_validates_itself():
     config_lib.GmmConfig(cluster_n=2)
   with pytest.raises(NotImplementedError, match="2\\*2\\*block_n=512"):
     config_lib.GmmConfig(**config_lib._WS, cluster_n=2).validate_for(1024, 768)
-  with pytest.raises(ValueError, match="cluster_m=3"):
-    config_lib.GmmConfig(cluster_m=3)
-  for bad in (dict(), dict(**config_lib._WS, cluster_n=2)):
-    with pytest.raises(ValueError, match="cluster_m=2 needs"):
-      config_lib.GmmConfig(cluster_m=2, **bad)
   # Clusters only for small groups (and N in pairs of 256-column tiles).
   assert config_lib.gmm_config(32768, 2048, 7168, 256).cluster_n == 2
   assert config_lib.gmm_config(32768, 2048, 7424, 256).cluster_n == 1
@@ -442,24 +416,14 @@ def test_gmm_metadata_covers_every_row_once(block_m):
     assert (cover == 1).all()
 
 
-@pytest.mark.parametrize("cfg", [
-    config_lib.GmmConfig(num_compute_wgs=2, **SPLIT_ROWS),
-    config_lib.GmmConfig(**config_lib._WS, cluster_m=2)], ids=["split_rows", "cluster_m"])
-def test_fused_srelu_epilogues_reject_split_rows_and_clusters_on_rows(cfg):
+def test_fused_srelu_epilogues_reject_split_rows():
   from pallas_kernels.fused_srelu_mgpu import gmm_dsrelu_mgpu, gmm_srelu_mgpu
   m, h, f = 256, 128, 256
   sizes, p = jnp.asarray([100, 156], jnp.int32), jnp.ones((m,))
-  with pytest.raises(NotImplementedError, match="split_rows=False.*cluster_m=1"):
+  cfg = config_lib.GmmConfig(num_compute_wgs=2, **SPLIT_ROWS)
+  with pytest.raises(NotImplementedError, match="split_rows=False"):
     gmm_srelu_mgpu(jnp.ones((m, h), jnp.bfloat16), jnp.ones((2, h, f), jnp.bfloat16), sizes,
                    p, interpret=True, config=cfg)
-  with pytest.raises(NotImplementedError, match="split_rows=False.*cluster_m=1"):
+  with pytest.raises(NotImplementedError, match="split_rows=False"):
     gmm_dsrelu_mgpu(jnp.ones((m, h), jnp.bfloat16), jnp.ones((2, f, h), jnp.bfloat16), sizes,
                     jnp.ones((m, f), jnp.bfloat16), p, interpret=True, config=cfg)
-
-
-def test_gmm_rejects_clusters_on_rows_taller_than_m():
-  cfg = config_lib.GmmConfig(**config_lib._WS, cluster_m=2)
-  assert cfg.item_rows == 256 and cfg.cluster_size == 2
-  with pytest.raises(NotImplementedError, match="cluster_m=2 needs M >= 256"):
-    gmm_mgpu(jnp.ones((248, 128), jnp.bfloat16), jnp.ones((2, 128, 256), jnp.bfloat16),
-             jnp.asarray([100, 148], jnp.int32), interpret=True, config=cfg)
