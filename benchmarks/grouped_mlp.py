@@ -143,7 +143,11 @@ def main():
   p.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
   p.add_argument("--out", default=RESULTS)
   args = p.parse_args()
-  shapes = SHAPES[:1] if args.quick else parse_shapes(args.shapes) if args.shapes else SHAPES
+  selected = "0" if args.quick else args.shapes
+  try:
+    shapes = parse_shapes(selected) if selected else SHAPES
+  except ValueError as e:
+    p.error(str(e))
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   records = []
   for i, shape in enumerate(shapes):

@@ -187,6 +187,13 @@ def stage(value, smem_ref) -> None:
   plgpu.commit_smem()
 
 
+def tile_chunk(tile, row0: int, col0: int, rows: int, cols: int):
+  """tile[row0:row0+rows, col0:col0+cols], the tile itself when that is all of it."""
+  if (rows, cols) == tile.shape:
+    return tile
+  return tile[row0:row0 + rows, col0:col0 + cols]
+
+
 def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile, cfg):
   """Writes rows [row_start, row_end) of a block_m x block_n tile to out_gmem.
 
@@ -215,8 +222,7 @@ def store_rows(tile, staging, out_gmem, *, tile_row0, row_start, row_end, n_tile
     start = jnp.maximum(row_start, chunk_row0)
     count = jnp.minimum(row_end, chunk_row0 + chunk) - start
     for col0 in range(0, cfg.block_n, chunk_cols):
-      part = (tile if (chunk, chunk_cols) == tile.shape
-              else tile[c * chunk:(c + 1) * chunk, col0:col0 + chunk_cols])
+      part = tile_chunk(tile, c * chunk, col0, chunk, chunk_cols)
       n_slice = pl.ds(n_tile * cfg.block_n + col0, chunk_cols)
       _store_chunk(part, staging, out_gmem, chunk_row0, start, count, n_slice, whole_chunks)
 

@@ -44,7 +44,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
-from pallas_kernels.gmm_mgpu import _smem_transforms, check_dtypes, check_hopper, stage
+from pallas_kernels.gmm_mgpu import (_smem_transforms, check_dtypes, check_hopper, stage,
+                                     tile_chunk)
 
 
 def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = False,
@@ -332,8 +333,7 @@ def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
   rows, cols = cfg.staged_rows, cfg.staged_cols
   for r in range(0, cfg.block_k, rows):
     for c in range(0, cfg.block_n, cols):
-      chunk = tile if (rows, cols) == tile.shape else tile[r:r + rows, c:c + cols]
-      stage(chunk, o_smem)
+      stage(tile_chunk(tile, r, c, rows, cols), o_smem)
       plgpu.copy_smem_to_gmem(
           o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + r, rows),
                            pl.ds(n_tile * cfg.block_n + c, cols)])
