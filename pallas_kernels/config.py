@@ -51,7 +51,6 @@ class _ConsumerTiles:
   cluster_n side by side along N (1 unless a config has the field)."""
   _TILE_ROWS: str
   cluster_n = 1
-  staging_buffers = 1
 
   @property
   def cta_tile_rows(self) -> int:
@@ -78,14 +77,8 @@ class _ConsumerTiles:
     """Columns of each consumer's epilogue staging buffer."""
     return self.epilogue_cols or self.block_n
 
-  @property
-  def staged_chunks(self) -> int:
-    """Chunks (staged_rows x staged_cols) each consumer's tile is stored in."""
-    return (getattr(self, self._TILE_ROWS) // self.staged_rows) * (self.block_n // self.staged_cols)
-
   def _staging_bytes(self, out_itemsize: int) -> int:
-    return (self.num_compute_wgs * self.staging_buffers * self.staged_rows
-            * self.staged_cols * out_itemsize)
+    return self.num_compute_wgs * self.staged_rows * self.staged_cols * out_itemsize
 
   def _check_consumers_and_epilogue(self, rows_multiple: int) -> None:
     if self.num_compute_wgs not in (1, 2):
@@ -229,11 +222,6 @@ class TgmmConfig(_ConsumerTiles):
     epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
       that divides block_n; None = block_n): with split_rows' 64-row tiles, the
       way to stage a tile in parts.
-    staging_buffers: 1: each chunk of the tile waits for the previous chunk's
-      TMA store to have read the one staging buffer. 2: chunks alternate
-      between two buffers, so a chunk waits only for the store of the chunk
-      before the previous one (needs an even number of chunks per tile, so
-      that every tile starts in the first buffer).
   """
   block_m: int = 64
   block_k: int = 128
@@ -245,7 +233,6 @@ class TgmmConfig(_ConsumerTiles):
   epilogue_rows: int | None = None
   split_rows: bool = False
   epilogue_cols: int | None = None
-  staging_buffers: int = 1
   _TILE_ROWS = "block_k"
 
   def __post_init__(self):
@@ -262,13 +249,6 @@ class TgmmConfig(_ConsumerTiles):
       raise ValueError("warp_specialized=True keeps one wgmma in flight while it "
                        "waits for the next slot: max_concurrent_steps must be >= 2.")
     self._check_consumers_and_epilogue(rows_multiple=64)
-    if self.staging_buffers not in (1, 2):
-      raise ValueError(f"staging_buffers={self.staging_buffers} must be 1 or 2.")
-    if self.staging_buffers == 2 and self.staged_chunks % 2:
-      raise ValueError(
-          f"staging_buffers=2 needs an even number of staged chunks per tile; "
-          f"{self.block_k}x{self.block_n} in {self.staged_rows}x{self.staged_cols} "
-          f"chunks makes {self.staged_chunks}.")
     if self.num_compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("num_compute_wgs=2 needs warp_specialized=True.")
     if self.grid_block_n < 1:

@@ -179,10 +179,10 @@ def staging_smem(shape: tuple[int, ...], dtype) -> plgpu.RefUnion:
   return plgpu.RefUnion(plgpu.SMEM(shape, dtype), swizzled)
 
 
-def stage(value, smem_ref, pending: int = 0) -> None:
-  """smem_ref[...] = value once all TMA stores but the last `pending` have read
-  shared memory, fenced for the TMA store that follows."""
-  plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+def stage(value, smem_ref) -> None:
+  """smem_ref[...] = value once the previous TMA stores have read shared memory,
+  fenced for the TMA store that follows."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   smem_ref[...] = value
   plgpu.commit_smem()
 

@@ -121,8 +121,8 @@ def _tgmm_kernel(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gmem,
 
   @functools.partial(
       pl.run_scoped,
-      o_smem=plgpu.SMEM((cfg.staging_buffers, cfg.staged_rows, cfg.staged_cols),
-                        out_gmem.dtype, transforms=out_transforms))
+      o_smem=plgpu.SMEM((cfg.staged_rows, cfg.staged_cols), out_gmem.dtype,
+                        transforms=out_transforms))
   def _(o_smem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
     def _item_loop(loop_info: plgpu.NDLoopInfo):
@@ -210,8 +210,7 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
                           transforms=_smem_transforms(cta_k, lhs_gmem.dtype)),
       rhs_smem=plgpu.SMEM((slots, bm, cta_n), rhs_gmem.dtype,
                           transforms=_smem_transforms(cta_n, rhs_gmem.dtype)),
-      o_smem=plgpu.SMEM((num_consumers, cfg.staging_buffers, cfg.staged_rows,
-                         cfg.staged_cols), out_gmem.dtype,
+      o_smem=plgpu.SMEM((num_consumers, cfg.staged_rows, cfg.staged_cols), out_gmem.dtype,
                         transforms=_smem_transforms(cfg.staged_cols, out_gmem.dtype)),
       produced=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
       landed=plgpu.Barrier(num_arrivals=2, num_barriers=slots),
@@ -325,22 +324,19 @@ def _tgmm_kernel_ws(row_start_gmem, row_end_gmem, first_row_gmem, num_blocks_gme
 
 
 def _store_tile(acc, o_smem, out_g, k_tile, n_tile, cfg) -> None:
-  """out_g[k-tile, n-tile] = acc via o_smem [staging_buffers, staged_rows,
-  staged_cols], a chunk at a time, the chunks taking the buffers in turn; the
-  last chunk's store drains under the next item.
+  """out_g[k-tile, n-tile] = acc via o_smem, a staged_rows x staged_cols chunk at
+  a time; the last chunk's store drains under the next item.
 
-  Each chunk waits first for the store that last read its buffer.
+  Each chunk waits first for the previous store to have read o_smem.
   """
   tile = acc.astype(o_smem.dtype)
   rows, cols = cfg.staged_rows, cfg.staged_cols
-  buffers = cfg.staging_buffers
-  chunks = [(r, c) for r in range(0, cfg.block_k, rows) for c in range(0, cfg.block_n, cols)]
-  for i, (r, c) in enumerate(chunks):
-    buffer = o_smem.at[i % buffers]
-    stage(tile_chunk(tile, r, c, rows, cols), buffer, pending=buffers - 1)
-    plgpu.copy_smem_to_gmem(
-        buffer, out_g.at[pl.ds(k_tile * cfg.block_k + r, rows),
-                         pl.ds(n_tile * cfg.block_n + c, cols)])
+  for r in range(0, cfg.block_k, rows):
+    for c in range(0, cfg.block_n, cols):
+      stage(tile_chunk(tile, r, c, rows, cols), o_smem)
+      plgpu.copy_smem_to_gmem(
+          o_smem, out_g.at[pl.ds(k_tile * cfg.block_k + r, rows),
+                           pl.ds(n_tile * cfg.block_n + c, cols)])
 
 
 def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

@@ -224,25 +224,6 @@ def test_tgmm_interpret_split_rows(m, k, n, sizes, out_dtype, sms, monkeypatch):
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
 
 
-@pytest.mark.parametrize("m,k,n,sizes,out_dtype,sms,ws", [
-    (200, 128, 128, [50, 0, 90, 30], jnp.float32, 3, True),
-    (392, 256, 128, [0, 130, 7, 0, 1, 200], jnp.bfloat16, 2, True),
-    (136, 64, 128, [3, 100, 0, 20], jnp.bfloat16, 2, False),
-])
-def test_tgmm_interpret_double_staging(m, k, n, sizes, out_dtype, sms, ws, monkeypatch):
-  """Each tile goes out in two 64-column chunks through two staging buffers in turn
-  (the split-rows consumers, or the one-warpgroup kernel)."""
-  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
-  if ws:
-    cfg = dataclasses.replace(TGMM_TWO_CONSUMERS, block_k=64, block_n=n, split_rows=True,
-                              epilogue_cols=64, staging_buffers=2)
-  else:
-    cfg = config_lib.TgmmConfig(block_m=64, block_k=64, block_n=n, max_concurrent_steps=2,
-                                epilogue_cols=64, staging_buffers=2)
-  assert cfg.staged_chunks == 2
-  test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
-
-
 def _lower_for_h100(fn, *avals):
   mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
   with jax.sharding.use_abstract_mesh(mesh):
@@ -302,16 +283,13 @@ def test_gmm_lowers_for_h100_many_groups():
     (jnp.bfloat16, jnp.float32, False, 1, None), (jnp.float16, jnp.float32, False, 1, None),
     (jnp.bfloat16, jnp.float32, True, 1, None), (jnp.bfloat16, jnp.float32, True, 2, None),
     (jnp.bfloat16, jnp.bfloat16, True, 2, 64), (jnp.bfloat16, jnp.bfloat16, True, "k", None),
-    (jnp.bfloat16, jnp.bfloat16, True, "k", "cols"),
-    (jnp.bfloat16, jnp.bfloat16, True, "k", "double")])
+    (jnp.bfloat16, jnp.bfloat16, True, "k", "cols")])
 def test_tgmm_lowers_for_h100(dtype, out_dtype, ws, consumers, epilogue_rows):
   m, k, n, g = 4096, 1024, 1024, 64
   tile = dict(block_k=64, block_n=256, split_rows=True) if consumers == "k" else dict(
       block_k=128, block_n=128)
   if epilogue_rows == "cols":  # 4 slots, the epilogue staged in 64x128 halves
     tile, epilogue_rows = dict(tile, epilogue_cols=128), None
-  if epilogue_rows == "double":  # 4 slots, 64x64 chunks through two buffers in turn
-    tile, epilogue_rows = dict(tile, epilogue_cols=64, staging_buffers=2), None
   cfg = config_lib.TgmmConfig(block_m=64, warp_specialized=ws, **tile,
                               max_concurrent_steps=(4 if consumers == 1 or epilogue_rows
                                                     or "epilogue_cols" in tile else 2),
@@ -381,13 +359,6 @@ def test_config_validates_itself():
     config_lib.TgmmConfig(block_n=256, epilogue_cols=96)
   with pytest.raises(ValueError, match="split_rows=True needs"):
     config_lib.TgmmConfig(warp_specialized=True, split_rows=True)
-  # Two staging buffers: the same shared memory as one of twice the columns.
-  double = dataclasses.replace(split, epilogue_cols=64, staging_buffers=2)
-  assert double.smem_bytes(2, 2) == split.smem_bytes(2, 2)
-  with pytest.raises(ValueError, match="staging_buffers=3"):
-    config_lib.TgmmConfig(staging_buffers=3)
-  with pytest.raises(ValueError, match="even number of staged chunks"):
-    config_lib.TgmmConfig(block_k=128, block_n=128, staging_buffers=2)
   # gmm: consumers on the top and bottom 64 rows of 128x256 tiles, 4 stages.
   split_gmm = config_lib.GmmConfig(num_compute_wgs=2, chain_items=True, **SPLIT_ROWS)
   assert (split_gmm.cta_tile_rows, split_gmm.cta_block_n) == (128, 256)

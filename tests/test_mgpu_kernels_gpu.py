@@ -99,20 +99,17 @@ def test_gmm_full_size(m, k, n, g, pad, transpose_rhs, cfg):
     (16384, 4096, 2048, 8, 0), (16384, 1024, 1024, 64, 999), (8192, 1024, 512, 256, 64)])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("variant", ["default", "split_n", "double_staging"])
-def test_tgmm_full_size(m, k, n, g, pad, out_dtype, tol, variant):
+@pytest.mark.parametrize("split_n", [False, True], ids=["default", "split_n"])
+def test_tgmm_full_size(m, k, n, g, pad, out_dtype, tol, split_n):
   """The default config of each output dtype (bf16: two consumer warpgroups on the
   top and bottom 64 rows of a 128x256 tile), and with bf16 the consumers side by
-  side instead (128x128 halves, staged in 64-row chunks), or the default staged
-  in 64x64 chunks through two buffers in turn."""
+  side instead (128x128 halves, staged in 64-row chunks)."""
   cfg = config_lib.tgmm_config(m, k, n, g, jnp.dtype(out_dtype).itemsize)
-  if variant != "default" and cfg.num_compute_wgs == 1:
-    pytest.skip("one consumer warpgroup")
-  if variant == "split_n":
+  if split_n:
+    if cfg.num_compute_wgs == 1:
+      pytest.skip("one consumer warpgroup")
     cfg = dataclasses.replace(cfg, block_k=128, block_n=128, split_rows=False,
                               epilogue_rows=64, epilogue_cols=None)
-  if variant == "double_staging":
-    cfg = dataclasses.replace(cfg, epilogue_cols=64, staging_buffers=2)
   rng = np.random.default_rng(m + g + 1)
   keys = jax.random.split(jax.random.key(m + k + n + g + 1), 2)
   lhs = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
