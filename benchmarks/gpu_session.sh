@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU cycle, a section or two per device call (a device call runs 600 s at most):
 #   bash benchmarks/gpu_session.sh [SECTION ...]
-#   sections: kernel_tests tests demo mlp gemm offload
+#   sections: kernel_tests tests demo mlp gemm offload counters
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_session_out.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -30,6 +30,8 @@ for s in $sections; do case $s in
     run demo_moe_input 150 python -m jaxmoe.demo --preset gpu --steps 30 \
       --offload-names moe_input --recompute-names fc1_input ;;
   mlp) run grouped_mlp 330 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;  # 282 s (session 14)
+  counters) run hw_counters 300 python benchmarks/hw_counters.py --shapes 0,2,3,4,5 \
+    --out "$out/hw_counters.json" ;;  # Nsight Compute counters (needs ncu)
   gemm) run grouped_gemm 560 python benchmarks/grouped_gemm.py --sweep --out "$out/grouped_gemm.json" ;;
   offload)
     # nnx.scan against jaxmoe.layer_scan (BENCHMARKS.md), ~6 minutes.

@@ -1,5 +1,5 @@
 """benchmarks/: interleaved timing, config A/B variants, profiler summaries, rooflines,
-the MLP benchmark's shape selection and results file."""
+the MLP benchmark's shape selection and results file, hardware counter records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import config_ab, grouped_mlp, profile_kernels, roofline, timing
+from benchmarks import (config_ab, grouped_mlp, hw_counters, profile_kernels, roofline,
+                        shapes, timing)
 from pallas_kernels import config as config_lib
 
 
@@ -141,3 +142,55 @@ def test_grouped_mlp_writes_results_after_each_shape(monkeypatch, tmp_path):
   both = json.loads(out.read_text())
   assert both["complete"]
   assert [r["G"] for r in both["records"]] == [grouped_mlp.SHAPES[2][3], grouped_mlp.SHAPES[0][3]]
+
+
+def _ncu_csv(kernels: list[tuple[str, dict]]) -> str:
+  """Text shaped like `ncu --csv --page raw --print-units base --log-file` output."""
+  metrics = list(hw_counters.METRICS.values())
+  lines = ["==PROF== Connected to process 1 (python)",
+           ",".join(f'"{c}"' for c in ["ID", "Process ID", "Kernel Name", *metrics]),
+           ",".join(f'"{c}"' for c in ["", "", ""] + ["unit"] * len(metrics))]
+  for i, (name, values) in enumerate(kernels):
+    cells = [str(i), "7", name] + [f"{values[f]:,}" for f in hw_counters.METRICS]
+    lines.append(",".join(f'"{c}"' for c in cells))
+  return "\n".join(lines + ["==PROF== Disconnected from process 1"]) + "\n"
+
+
+def test_hw_counters_parses_labels_and_records_ncu_results():
+  jobs = hw_counters.job_list([2], ["fwd", "wgrad"])
+  assert jobs == [(2, "fwd", "dense"), (2, "fwd", "jaxmoe"), (2, "wgrad", "jaxmoe")]
+  counters = dict(duration_ns=250_000.0, dram_read_bytes=680_000_000.0,
+                  dram_write_bytes=34_000_000.0, dram_pct_of_peak=81.5, sm_pct_of_peak=80.0,
+                  l2_hit_pct=43.0, l2_bytes=1_900_000_000.0)
+  text = _ncu_csv([("nvjet_hsh_256x128_2cta", counters),
+                   ("anonymous_mosaic_gpu_kernel", counters),
+                   ("anonymous_mosaic_gpu_kernel", dict(counters, duration_ns=500_000.0))])
+  kernels = hw_counters.parse_ncu_csv(text)
+  assert [k["kernel"] for k in kernels] == ["nvjet_hsh_256x128_2cta"] + [
+      "anonymous_mosaic_gpu_kernel"] * 2
+  assert kernels[0] == {"kernel": "nvjet_hsh_256x128_2cta", **counters}
+  recs = [hw_counters.record(job, k) for job, k in hw_counters.label(kernels, jobs)]
+  m, k, n, g = shapes.SHAPES[2]
+  assert recs[1]["min_bytes"] == 2 * (m * k + g * k * n + m * n)
+  assert recs[0]["min_bytes"] == 2 * (m * k + k * n + m * n), "dense reads one weight"
+  assert recs[1]["dram_bytes_over_min"] == round(714e6 / recs[1]["min_bytes"], 3)
+  assert recs[1]["dram_gbps"] == round(714e6 / 250e-6 / 1e9, 1)
+  assert recs[2]["tflops"] == round(2 * m * k * n / 500e-6 / 1e12, 1)
+  assert "| wgrad | jaxmoe | 500 |" in hw_counters.format_table(recs)
+  # One kernel per job, ours exactly where the job is ours.
+  with pytest.raises(ValueError, match="2 kernels for 3 jobs"):
+    hw_counters.label(kernels[:2], jobs)
+  with pytest.raises(ValueError, match="ran kernel"):
+    hw_counters.label(kernels[::-1], jobs)
+  with pytest.raises(ValueError, match="no ncu results"):
+    hw_counters.parse_ncu_csv("==PROF== Connected\n==ERROR== no access\n")
+
+
+def test_hw_counters_rejects_bad_selections(monkeypatch, capsys):
+  for argv in (["--shapes", "9", "--out", "x.json"], ["--passes", "bwd", "--out", "x.json"],
+               ["--shapes", "0"]):
+    monkeypatch.setattr(sys, "argv", ["hw_counters.py", *argv])
+    with pytest.raises(SystemExit) as e:
+      hw_counters.main()
+    assert e.value.code == 2
+  assert "--shapes '9'" in capsys.readouterr().err
