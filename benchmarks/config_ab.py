@@ -80,15 +80,21 @@ def run_header() -> dict:
           "command": " ".join(["python"] + sys.argv), "records": []}
 
 
+def default_config(pass_: str, m: int, k: int, n: int, g: int):
+  """The kernel config a pass uses by default on x [M, K], w [G, K, N]."""
+  if pass_ == "wgrad":
+    return config_lib.tgmm_config(m, k, n, g)
+  return config_lib.gmm_config(m, n, k, g) if pass_ == "dgrad" else config_lib.gmm_config(m, k, n, g)
+
+
 def pass_setup(pass_: str, x, w, dy, gs):
   """(default config, kernel(config) -> jitted fn, args) of one pass."""
   m, k = x.shape
   g, _, n = w.shape
+  base = default_config(pass_, m, k, n, g)
   if pass_ == "wgrad":
-    return (config_lib.tgmm_config(m, k, n, g),
-            lambda cfg: jax.jit(functools.partial(tgmm_mgpu, config=cfg)), (x, dy, gs))
+    return base, lambda cfg: jax.jit(functools.partial(tgmm_mgpu, config=cfg)), (x, dy, gs)
   dgrad = pass_ == "dgrad"
-  base = config_lib.gmm_config(m, n, k, g) if dgrad else config_lib.gmm_config(m, k, n, g)
   make = lambda cfg: jax.jit(functools.partial(gmm_mgpu, transpose_rhs=dgrad, config=cfg))  # noqa: E731
   return base, make, (dy, w, gs) if dgrad else (x, w, gs)
 

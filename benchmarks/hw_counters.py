@@ -8,7 +8,10 @@ their peaks, the L2 hit rate and the bytes the SMs asked of L2. A kernel that mo
 the DRAM peak is bandwidth-bound; no schedule makes it much faster.
 
     PYTHONPATH=. python benchmarks/hw_counters.py --passes fwd,dgrad,wgrad \
-        --shapes 0,2,3,5 --out hw_counters.json
+        --shapes 0,2,3,5 --out hw_counters.json [--variant cl2:cluster_n=2 ...]
+
+A --variant (as in config_ab.py) adds, after each pass's default kernel ("jaxmoe"),
+the default config with those fields replaced, where it applies.
 
 The script runs itself under `ncu` (which must be on PATH and allowed to read the
 counters). The child runs, per shape, a dense matmul x @ w[0] and each selected
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import io
 import json
 import os
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import roofline, shapes
+from benchmarks import config_ab, roofline, shapes
 from benchmarks.config_ab import PASSES
 
 # Record field -> ncu metric.
@@ -59,22 +63,30 @@ CHILD_ENV = {
 }
 
 
-def job_list(shape_indices: list[int], passes: list[str]) -> list[tuple[int, str, str]]:
+def pass_configs(i: int, pass_: str, variants: dict[str, dict]) -> dict:
+  """{impl: config} of a pass on shape i: "jaxmoe" (the default), then the variants
+  that apply to it."""
+  base = config_ab.default_config(pass_, *shapes.SHAPES[i])
+  configs = config_ab.variants_of(base, variants, log=lambda _: None)
+  return {("jaxmoe" if name == "base" else name): cfg for name, cfg in configs.items()}
+
+
+def job_list(shape_indices: list[int], passes: list[str],
+             variants: dict[str, dict] | None = None) -> list[tuple[int, str, str]]:
   """(shape index, pass, impl) in the order the child runs them: per shape the dense
-  matmul ("dense", counted as a fwd), then our kernel of each pass ("jaxmoe")."""
+  matmul ("dense", counted as a fwd), then each pass's kernels (`pass_configs`)."""
   jobs = []
   for i in shape_indices:
     jobs.append((i, "fwd", "dense"))
-    jobs.extend((i, pass_, "jaxmoe") for pass_ in passes)
+    for pass_ in passes:
+      jobs.extend((i, pass_, impl) for impl in pass_configs(i, pass_, variants or {}))
   return jobs
 
 
-def run_child(shape_indices: list[int], passes: list[str]) -> None:
+def run_child(shape_indices: list[int], passes: list[str], variants: dict[str, dict]) -> None:
   """Runs each job once, after compiling it, so that ncu sees one kernel per job."""
   import jax
   import jax.numpy as jnp
-
-  from benchmarks.config_ab import pass_setup
 
   for i in shape_indices:
     m, k, n, g = shapes.SHAPES[i]
@@ -85,8 +97,8 @@ def run_child(shape_indices: list[int], passes: list[str]) -> None:
     gs = jnp.asarray(shapes.random_group_sizes(m, g))
     calls = [(jax.jit(lambda a, b: a @ b[0]), (x, w))]
     for pass_ in passes:
-      cfg, make, args = pass_setup(pass_, x, w, dy, gs)
-      calls.append((make(cfg), args))
+      _, make, args = config_ab.pass_setup(pass_, x, w, dy, gs)
+      calls.extend((make(cfg), args) for cfg in pass_configs(i, pass_, variants).values())
     for fn, args in calls:
       compiled = fn.lower(*args).compile()
       jax.block_until_ready(args)
@@ -125,12 +137,12 @@ def parse_ncu_csv(text: str) -> list[dict]:
 
 def label(kernels: list[dict], jobs: list[tuple[int, str, str]]) -> list[tuple[tuple, dict]]:
   """Pairs each job with its kernel; raises ValueError unless there is one kernel per
-  job, a Mosaic GPU kernel exactly where the job is ours."""
+  job, a Mosaic GPU kernel exactly where the job is ours (not "dense")."""
   if len(kernels) != len(jobs):
     raise ValueError(f"{len(kernels)} kernels for {len(jobs)} jobs: "
                      f"{[k['kernel'][:40] for k in kernels]}")
   for job, kernel in zip(jobs, kernels):
-    if ("mosaic_gpu" in kernel["kernel"]) != (job[2] == "jaxmoe"):
+    if ("mosaic_gpu" in kernel["kernel"]) != (job[2] != "dense"):
       raise ValueError(f"job {job} ran kernel {kernel['kernel'][:60]!r}")
   return list(zip(jobs, kernels))
 
@@ -164,11 +176,20 @@ def format_table(recs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def variant_args(variants: dict[str, dict]) -> list[str]:
+  """The command-line arguments that give `variants` again (config_ab.parse_variant)."""
+  return [arg for name, overrides in variants.items()
+          for arg in ("--variant", name + ":" + ",".join(f"{f}={v!r}" for f, v in overrides.items()))]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--passes", default=",".join(PASSES), help=f"some of {','.join(PASSES)}")
   parser.add_argument("--shapes", default="0,2,3,5", help="indices into shapes.SHAPES")
   parser.add_argument("--out", help="results JSON (required unless --child)")
+  parser.add_argument("--variant", action="append", default=[],
+                      type=config_ab.parse_variant,
+                      help="NAME:FIELD=VALUE[,FIELD=VALUE...] (repeatable; config_ab.py)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   passes = args.passes.split(",")
@@ -180,8 +201,9 @@ def main() -> None:
   except (ValueError, IndexError):
     parser.error(f"--shapes {args.shapes!r}: expected indices into the "
                  f"{len(shapes.SHAPES)} shapes, e.g. 0,2")
+  variants = dict(args.variant)
   if args.child:
-    run_child(indices, passes)
+    run_child(indices, passes, variants)
     return
   if not args.out:
     parser.error("--out is required")
@@ -189,15 +211,17 @@ def main() -> None:
     sys.exit("ncu (Nsight Compute) is not on PATH.")
   with tempfile.TemporaryDirectory() as tmp:
     log_file = os.path.join(tmp, "ncu.csv")
-    cmd = ncu_command(log_file, ["--passes", args.passes, "--shapes", args.shapes])
+    cmd = ncu_command(log_file, ["--passes", args.passes, "--shapes", args.shapes,
+                                 *variant_args(variants)])
     child = subprocess.run(cmd, env={**os.environ, **CHILD_ENV}, check=False)
     text = open(log_file).read() if os.path.exists(log_file) else ""
   if child.returncode:
     sys.exit(f"ncu exited with {child.returncode}; its log:\n{text[-3000:]}")
   recs = [record(job, kernel)
-          for job, kernel in label(parse_ncu_csv(text), job_list(indices, passes))]
+          for job, kernel in label(parse_ncu_csv(text), job_list(indices, passes, variants))]
   import jax
   result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(),
             "command": " ".join(["python"] + sys.argv), "ncu": re.sub(r"\s+", " ", subprocess.run(
                 ["ncu", "--version"], capture_output=True, text=True).stdout.strip()),
             "records": recs}

@@ -186,6 +186,21 @@ def test_hw_counters_parses_labels_and_records_ncu_results():
     hw_counters.parse_ncu_csv("==PROF== Connected\n==ERROR== no access\n")
 
 
+def test_hw_counters_variants_follow_each_default_and_round_trip():
+  variants = dict([config_ab.parse_variant("cl2:cluster_n=2,grid_block_n=4"),
+                   config_ab.parse_variant("rows:epilogue_rows=None")])
+  jobs = hw_counters.job_list([5], ["fwd", "wgrad"], variants)
+  # tgmm's config has no cluster_n: that variant applies to the forward only.
+  assert jobs == [(5, "fwd", "dense"), (5, "fwd", "jaxmoe"), (5, "fwd", "cl2"),
+                  (5, "fwd", "rows"), (5, "wgrad", "jaxmoe"), (5, "wgrad", "rows")]
+  assert hw_counters.pass_configs(5, "fwd", variants)["cl2"].cluster_n == 2
+  ours = {"kernel": "anonymous_mosaic_gpu_kernel"}
+  assert len(hw_counters.label([{"kernel": "nvjet_tst"}] + [ours] * 5, jobs)) == 6
+  args = hw_counters.variant_args(variants)
+  assert dict(config_ab.parse_variant(t) for t in args[1::2]) == variants
+  assert args[::2] == ["--variant"] * 2
+
+
 def test_hw_counters_rejects_bad_selections(monkeypatch, capsys):
   for argv in (["--shapes", "9", "--out", "x.json"], ["--passes", "bwd", "--out", "x.json"],
                ["--shapes", "0"]):
