@@ -18,7 +18,7 @@ run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
 for s in $sections; do case $s in
   # All GPU tests took ~570 s in session 11, before the split_rows cases: in two parts
   # (session 13: kernel_tests 251 s; the rest did not finish in 390 s, ~360 s by subtraction;
-  # session 14: the layer-scan GPU test alone 96 s).
+  # session 14: the layer-scan GPU test alone 96 s; session 15: kernel_tests 260 s, tests 290 s).
   kernel_tests) run gpu_kernel_tests 590 python -m pytest -m gpu tests/test_mgpu_kernels_gpu.py \
     -q -x -p no:cacheprovider -rfE --durations=10 ;;
   tests) run gpu_tests 590 python -m pytest -m gpu tests -q -x -p no:cacheprovider -rfE \
