@@ -217,8 +217,11 @@ def main() -> None:
     text = open(log_file).read() if os.path.exists(log_file) else ""
   if child.returncode:
     sys.exit(f"ncu exited with {child.returncode}; its log:\n{text[-3000:]}")
-  recs = [record(job, kernel)
-          for job, kernel in label(parse_ncu_csv(text), job_list(indices, passes, variants))]
+  try:
+    pairs = label(parse_ncu_csv(text), job_list(indices, passes, variants))
+  except ValueError as e:  # e.g. no counter access: ncu ran the program, profiled nothing
+    sys.exit(f"{e}; the end of the ncu log:\n{text[-3000:]}")
+  recs = [record(job, kernel) for job, kernel in pairs]
   import jax
   result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(),

@@ -4,6 +4,7 @@ the MLP benchmark's shape selection and results file, hardware counter records."
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -209,3 +210,52 @@ def test_hw_counters_rejects_bad_selections(monkeypatch, capsys):
       hw_counters.main()
     assert e.value.code == 2
   assert "--shapes '9'" in capsys.readouterr().err
+
+
+def test_hw_counters_main_runs_ncu_and_writes_records(monkeypatch, tmp_path, capsys):
+  """main() end to end on the CPU, with ncu stood in for by a fake that writes its log."""
+  counters = dict(duration_ns=100_000.0, dram_read_bytes=1e8, dram_write_bytes=1e7,
+                  dram_pct_of_peak=50.0, sm_pct_of_peak=60.0, l2_hit_pct=70.0, l2_bytes=1e9)
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append((cmd, kwargs))
+    if cmd[:2] == ["ncu", "--version"]:
+      return subprocess.CompletedProcess(cmd, 0, stdout="Version 2025.3.1.0\n")
+    kernels = [("nvjet_tst", counters)] + [("anonymous_mosaic_gpu_kernel", counters)] * 2
+    with open(cmd[cmd.index("--log-file") + 1], "w") as f:
+      f.write(_ncu_csv(kernels))
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(hw_counters.shutil, "which", lambda name: "/usr/bin/ncu")
+  monkeypatch.setattr(hw_counters.subprocess, "run", fake_run)
+  out = tmp_path / "hw.json"
+  monkeypatch.setattr(sys, "argv", ["hw_counters.py", "--shapes", "3", "--passes", "fwd",
+                                    "--variant", "cl2:cluster_n=2", "--out", str(out)])
+  hw_counters.main()
+  cmd, kwargs = calls[0]
+  assert cmd[0] == "ncu" and "--child" in cmd
+  assert cmd[cmd.index("--variant") + 1] == "cl2:cluster_n=2"
+  assert kwargs["env"]["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+  result = json.loads(out.read_text())
+  assert result["ncu"] == "Version 2025.3.1.0"
+  assert [(r["pass_"], r["impl"]) for r in result["records"]] == [
+      ("fwd", "dense"), ("fwd", "jaxmoe"), ("fwd", "cl2")]
+  assert "| fwd | cl2 |" in capsys.readouterr().out
+
+
+def test_hw_counters_main_says_why_it_has_no_results(monkeypatch, tmp_path):
+  monkeypatch.setattr(sys, "argv", ["hw_counters.py", "--out", str(tmp_path / "hw.json")])
+  monkeypatch.setattr(hw_counters.shutil, "which", lambda name: None)
+  with pytest.raises(SystemExit, match="ncu .* is not on PATH"):
+    hw_counters.main()
+
+  def no_counters(cmd, **kwargs):  # ncu ran the program but could read no counter
+    with open(cmd[cmd.index("--log-file") + 1], "w") as f:
+      f.write("==ERROR== ERR_NVGPUCTRPERM - no permission to access the counters\n")
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(hw_counters.shutil, "which", lambda name: "/usr/bin/ncu")
+  monkeypatch.setattr(hw_counters.subprocess, "run", no_counters)
+  with pytest.raises(SystemExit, match="(?s)no ncu results.*ERR_NVGPUCTRPERM"):
+    hw_counters.main()
