@@ -134,6 +134,10 @@ class GmmConfig(_ConsumerTiles):
       benchmark shapes 0.97-1.04x the default, within noise: H100, 2026-11-27.)
     epilogue_cols: columns of each consumer's staging buffer (a multiple of 64
       that divides block_n; None = block_n).
+    persistent: True: one program (or cluster) per SM walks its share of the
+      work items. False: one program per (item, n-tile), launched in the same
+      order, so that the SMs sharing an rhs panel start it together instead of
+      after however many items each has run (unchained kernels only).
   """
   block_m: int = 128
   block_n: int = 128
@@ -146,6 +150,7 @@ class GmmConfig(_ConsumerTiles):
   cluster_n: int = 1
   split_rows: bool = False
   epilogue_cols: int | None = None
+  persistent: bool = True
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -168,6 +173,8 @@ class GmmConfig(_ConsumerTiles):
       raise ValueError(f"cluster_n={self.cluster_n} must be 1 or 2.")
     if self.cluster_n == 2 and self.num_compute_wgs == 1:
       raise ValueError("cluster_n=2 needs the warp-specialised kernel (num_compute_wgs=2).")
+    if self.chain_items and not self.persistent:
+      raise ValueError("chain_items=True chains an SM's items: it needs persistent=True.")
     if self.smem_bytes(2, 2) > SMEM_BYTES:
       raise ValueError(
           f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "

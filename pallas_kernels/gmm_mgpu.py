@@ -9,7 +9,8 @@ Design:
   * Work items come from `metadata.gmm_metadata` (XLA ops, outside the kernel):
     one per (group or padding segment, m-tile) pair, so the kernel never loops
     over the groups. The item loop is `plgpu.nd_loop` over (item, n-tile),
-    spread over all SMs (persistent grid) in planar-snake order for L2 reuse.
+    spread over all SMs (persistent grid) in planar-snake order for L2 reuse;
+    with config.persistent=False there is one program per (item, n-tile).
   * The main loop is a TMA + wgmma pipeline over K: `plgpu.emit_pipeline` in
     one warpgroup (`_gmm_kernel`), or warp-specialised with a TMA producer
     warpgroup and two consumer warpgroups (`_gmm_kernel_ws`,
@@ -333,7 +334,8 @@ def _item_where(meta, item, n_tile, cfg) -> dict:
 
 def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
   """Runs body(item, n_tile) for this SM's share of the used (item, n-tile)
-  pairs, in planar-snake order (persistent grid)."""
+  pairs, in planar-snake order (persistent grid; one pair per program when the
+  grid has a program per pair)."""
 
   @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
   def _item_loop(loop_info: plgpu.NDLoopInfo):
@@ -586,7 +588,8 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
                         epilogue=epilogue, num_extra_inputs=len(extra_inputs), n=n,
                         out_dtype=out_dtype),
       out_type=epilogue.out_types(m, n, out_dtype, meta.num_items, cfg),
-      grid=(config_lib.num_sms() // cfg.cluster_n,),
+      grid=((config_lib.num_sms() // cfg.cluster_n) if cfg.persistent
+            else meta.num_items * (n // cfg.cluster_block_n),),
       grid_names=("sm",),
       **clusters,
       num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,

@@ -81,6 +81,16 @@ GMM_CASES = [
     (200, 128, 512, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
      config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                           num_compute_wgs=2, cluster_n=2)),
+    # One program (or cluster) per (item, n-tile) instead of one per SM.
+    (296, 128, 128, [17, 0, 0, 201], True, jnp.bfloat16, jnp.float32,
+     config_lib.GmmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                          persistent=False)),
+    (200, 128, 256, [50, 0, 90, 30], False, jnp.bfloat16, jnp.bfloat16,
+     config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2, persistent=False)),
+    (200, 128, 512, [50, 0, 90, 30], True, jnp.bfloat16, jnp.float32,
+     config_lib.GmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
+                          num_compute_wgs=2, cluster_n=2, persistent=False)),
 ]
 CHAINED = dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                num_compute_wgs=2, chain_items=True)
@@ -271,6 +281,19 @@ def test_gmm_lowers_for_h100_in_clusters(transpose_rhs, chain):
   _assert_gmm_lowers(cfg, transpose_rhs)
 
 
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gmm_lowers_for_h100_one_program_per_item(transpose_rhs):
+  """The G=256 defaults (clusters of two in the dgrad) with persistent=False."""
+  m, k, n, g = 32768, 7168, 2048, 256
+  cfg = config_lib.gmm_config(m, n, k, g) if transpose_rhs else config_lib.gmm_config(m, k, n, g)
+  cfg = dataclasses.replace(cfg, persistent=False)
+  text = _lower_for_h100(
+      lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs, config=cfg),
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  assert "mosaic_gpu" in text
+
+
 def test_gmm_lowers_for_h100_many_groups():
   text = _lower_for_h100(
       gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
@@ -333,6 +356,8 @@ def test_config_validates_itself():
     config_lib.GmmConfig(cluster_n=3)
   with pytest.raises(ValueError, match="cluster_n=2 needs"):
     config_lib.GmmConfig(cluster_n=2)
+  with pytest.raises(ValueError, match="needs persistent=True"):
+    config_lib.GmmConfig(num_compute_wgs=2, chain_items=True, persistent=False)
   with pytest.raises(NotImplementedError, match="2\\*2\\*block_n=512"):
     config_lib.GmmConfig(**config_lib._WS, cluster_n=2).validate_for(1024, 768)
   # Clusters only for small groups (and N in pairs of 256-column tiles).

@@ -69,6 +69,8 @@ CLUSTERED = dataclasses.replace(WARP_SPECIALIZED, cluster_n=2)
 # Consumers on the top and bottom 64 rows of a 128x256 tile, staged in 64x128 chunks.
 SPLIT_ROWS = dataclasses.replace(CHAINED, block_m=64, block_n=256, split_rows=True,
                                  epilogue_rows=None, epilogue_cols=128)
+# One program per (item, n-tile pair), in clusters of two.
+PER_ITEM = dataclasses.replace(CLUSTERED, persistent=False)
 
 
 @pytest.mark.parametrize("m,k,n,g,pad", [
@@ -76,8 +78,8 @@ SPLIT_ROWS = dataclasses.replace(CHAINED, block_m=64, block_n=256, split_rows=Tr
     (8192 + 72, 1024, 1536, 128, 301), (8192, 2048, 1024, 256, 0)])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 @pytest.mark.parametrize("cfg", [ONE_WARPGROUP, WARP_SPECIALIZED, CHAINED, CLUSTERED,
-                                 SPLIT_ROWS],
-                         ids=["wg1", "ws", "chained", "clustered", "split_rows"])
+                                 SPLIT_ROWS, PER_ITEM],
+                         ids=["wg1", "ws", "chained", "clustered", "split_rows", "per_item"])
 def test_gmm_full_size(m, k, n, g, pad, transpose_rhs, cfg):
   rng = np.random.default_rng(m + g)
   keys = jax.random.split(jax.random.key(m + k + n + g), 2)
