@@ -294,8 +294,11 @@ GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
     (16384, 4096, 1024, 64): GmmConfig(**_CHAINED, grid_block_n=4),   # 480
     (16384, 1024, 4096, 64): GmmConfig(**_CHAINED, grid_block_n=8),   # 446
     (65536, 2048, 1536, 128): GmmConfig(**_CHAINED, grid_block_n=8),  # 542
-    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8),       # 284 (chained: 0.8x;
-                                                                       # clusters: 0.99x)
+    # One program per item: 1.10x the persistent kernel (H100, 2026-11-27), whose
+    # SMs drift apart over their items so that a group's second row tile re-reads
+    # its weights from DRAM (1.30x the minimum bytes; 1.13x one program per item).
+    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8,        # 284 (chained: 0.8x;
+                                        persistent=False),            # clusters: 0.99x)
 }
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 

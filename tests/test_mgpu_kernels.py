@@ -356,6 +356,9 @@ def test_config_validates_itself():
     config_lib.GmmConfig(cluster_n=3)
   with pytest.raises(ValueError, match="cluster_n=2 needs"):
     config_lib.GmmConfig(cluster_n=2)
+  # The G=256 forward runs one program per item; everything else is persistent.
+  assert not config_lib.gmm_config(32768, 7168, 2048, 256).persistent
+  assert config_lib.gmm_config(32768, 2048, 7168, 256).persistent
   with pytest.raises(ValueError, match="needs persistent=True"):
     config_lib.GmmConfig(num_compute_wgs=2, chain_items=True, persistent=False)
   with pytest.raises(NotImplementedError, match="2\\*2\\*block_n=512"):
