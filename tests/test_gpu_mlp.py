@@ -39,10 +39,8 @@ def _value_and_grads(backend, fused, x, w1, w2, gs, p, dy, dtype=None):
     return run(x, w1, w2, p, dy)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("m, h, f, g", [(8192, 1024, 2048, 16), (8192, 1024, 1024, 64)])
-def test_kernel_mlp_matches_f32_reference(m, h, f, g, fused):
-  x, w1, w2, gs, p, dy = _inputs(m, h, f, g)
+def _assert_kernel_mlp_matches_f32_reference(fused, x, w1, w2, gs, p, dy):
+  """y and every gradient of the kernel MLP within 2e-2 of float32 XLA; y zero past the groups."""
   got = _value_and_grads("mosaic_gpu", fused, x, w1, w2, gs, p, dy)
   want = _value_and_grads("xla", False, x, w1, w2, gs, p, dy, dtype=jnp.float32)
   for name, a, b in zip(("y", "dx", "dw1", "dw2", "dp"), got, want):
@@ -52,6 +50,24 @@ def test_kernel_mlp_matches_f32_reference(m, h, f, g, fused):
     assert err < 2e-2, (name, err)
   valid = int(gs.sum())
   assert not np.any(np.asarray(got[0][valid:], np.float32)), "padding rows of y"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("m, h, f, g", [(8192, 1024, 2048, 16), (8192, 1024, 1024, 64)])
+def test_kernel_mlp_matches_f32_reference(m, h, f, g, fused):
+  _assert_kernel_mlp_matches_f32_reference(fused, *_inputs(m, h, f, g))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_mlp_one_program_per_item(fused, monkeypatch):
+  """All four gmm calls (FC1 with the fused activation, FC2, their input gradients) with
+  one program per work item, as the tuned G=256 forward runs, against float32 XLA."""
+  from pallas_kernels import config as config_lib
+  m, h, f, g = 8192, 1024, 1024, 64  # FC1, FC2 and both dgrads look up (m, h, h, g)
+  monkeypatch.setitem(config_lib.GMM_TUNED, (m, h, f, g), config_lib.GmmConfig(
+      **config_lib._WS, grid_block_n=8, persistent=False))
+  assert not config_lib.gmm_config(m, h, f, g).persistent
+  _assert_kernel_mlp_matches_f32_reference(fused, *_inputs(m, h, f, g, seed=2))
 
 
 @pytest.mark.parametrize("fused", [True, False])
