@@ -4,8 +4,9 @@ The timed benchmarks say how fast a pass runs; this says what the GPU did while 
 ran. Per kernel: its duration, the DRAM bytes it read and wrote against the fewest
 its pass must move (`roofline.min_bytes`: each operand read once, the result
 written once), the DRAM bandwidth that makes, DRAM and SM throughput as shares of
-their peaks, the L2 hit rate and the bytes the SMs asked of L2. A kernel that moves about its minimum at close to
-the DRAM peak is bandwidth-bound; no schedule makes it much faster.
+their peaks, the L2 hit rate and the bytes the SMs asked of L2. A kernel that
+moves about its minimum at close to the DRAM peak is bandwidth-bound; no schedule
+makes it much faster. One that moves well over its minimum re-reads an operand.
 
     PYTHONPATH=. python benchmarks/hw_counters.py --passes fwd,dgrad,wgrad \
         --shapes 0,2,3,5 --out hw_counters.json [--variant cl2:cluster_n=2 ...]
