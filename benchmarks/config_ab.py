@@ -84,7 +84,9 @@ def default_config(pass_: str, m: int, k: int, n: int, g: int):
   """The kernel config a pass uses by default on x [M, K], w [G, K, N]."""
   if pass_ == "wgrad":
     return config_lib.tgmm_config(m, k, n, g)
-  return config_lib.gmm_config(m, n, k, g) if pass_ == "dgrad" else config_lib.gmm_config(m, k, n, g)
+  if pass_ == "dgrad":  # dy [M, N] @ w.T: N is contracted, K comes out
+    return config_lib.gmm_config(m, n, k, g)
+  return config_lib.gmm_config(m, k, n, g)
 
 
 def pass_setup(pass_: str, x, w, dy, gs):

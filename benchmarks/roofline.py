@@ -36,8 +36,8 @@ import os
 import numpy as np
 
 from benchmarks import timing
+from benchmarks.config_ab import default_config
 from benchmarks.shapes import flops, random_group_sizes
-from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,10 +87,10 @@ def tile_efficiency(m: int, k: int, n: int, g: int, pass_: str) -> float:
   group sizes (`shapes.random_group_sizes`); fwd+bwd weighs its three GEMMs by
   time (equal FLOPs each)."""
   sizes = random_group_sizes(m, g)
-  fwd = gmm_tile_efficiency(sizes, m, config_lib.gmm_config(m, k, n, g).cta_tile_rows)
-  dgrad = gmm_tile_efficiency(sizes, m, config_lib.gmm_config(m, n, k, g).cta_tile_rows)
-  wgrad = tgmm_tile_efficiency(sizes, m, config_lib.tgmm_config(m, k, n, g).block_m)
-  per_pass = {"fwd": fwd, "dgrad": dgrad, "wgrad": wgrad}
+  per_pass = {
+      p: gmm_tile_efficiency(sizes, m, default_config(p, m, k, n, g).cta_tile_rows)
+      for p in ("fwd", "dgrad")}
+  per_pass["wgrad"] = tgmm_tile_efficiency(sizes, m, default_config("wgrad", m, k, n, g).block_m)
   if pass_ == "fwd+bwd":
     return 3 / sum(1 / e for e in per_pass.values())
   return per_pass[pass_]

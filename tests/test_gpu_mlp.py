@@ -8,6 +8,7 @@ from flax import nnx
 
 import jaxmoe
 import numpy_reference as ref
+from pallas_kernels import config as config_lib
 
 pytestmark = pytest.mark.gpu
 
@@ -62,7 +63,6 @@ def test_kernel_mlp_matches_f32_reference(m, h, f, g, fused):
 def test_kernel_mlp_one_program_per_item(fused, monkeypatch):
   """All four gmm calls (FC1 with the fused activation, FC2, their input gradients) with
   one program per work item, as the tuned G=256 forward runs, against float32 XLA."""
-  from pallas_kernels import config as config_lib
   m, h, f, g = 8192, 1024, 1024, 64  # FC1, FC2 and both dgrads look up (m, h, h, g)
   monkeypatch.setitem(config_lib.GMM_TUNED, (m, h, f, g), config_lib.GmmConfig(
       **config_lib._WS, grid_block_n=8, persistent=False))
