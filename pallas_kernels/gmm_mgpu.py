@@ -6,7 +6,7 @@ The file reads top to bottom: support checks, the kernel (work-item loop →
 main loop → store epilogue), the public wrapper.
 
 Design:
-  * Work items come from `metadata.gmm_metadata` (XLA ops, outside the kernel):
+  * Work items come from `metadata_kernel.gmm_metadata` (outside the kernel):
     one per (group or padding segment, m-tile) pair, so the kernel never loops
     over the groups. The item loop is `plgpu.nd_loop` over (item, n-tile),
     spread over all SMs (persistent grid) in planar-snake order for L2 reuse;
@@ -48,6 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
+from pallas_kernels import metadata_kernel
 
 SUPPORTED_IN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_OUT_DTYPES = SUPPORTED_IN_DTYPES + (jnp.dtype(jnp.float32),)
@@ -578,7 +579,7 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
   epilogue.check_supported(m, cfg)
   epilogue.check_smem(cfg, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  meta = metadata_lib.gmm_metadata(group_sizes, m, cfg.cta_tile_rows)
+  meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.cta_tile_rows, interpret=interpret)
   warp_specialized = cfg.num_compute_wgs > 1
   clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
               if cfg.cluster_n > 1 else {})

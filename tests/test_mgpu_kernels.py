@@ -5,6 +5,7 @@ float64 NumPy reference at small sizes, and the real kernels lowered for `cuda`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
+from pallas_kernels import metadata_kernel
 from pallas_kernels.gmm_mgpu import gmm_mgpu
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu
 
@@ -417,10 +419,15 @@ def test_tgmm_metadata_covers_each_group_from_an_8_aligned_row():
     assert (num_blocks[~nonempty] == 0).all()
 
 
+GMM_METADATA = {"xla": metadata_lib.gmm_metadata,
+                "kernel": functools.partial(metadata_kernel.gmm_metadata, interpret=True)}
+
+
+@pytest.mark.parametrize("impl", list(GMM_METADATA))
 @pytest.mark.parametrize("block_m", [64, 128])
-def test_gmm_metadata_covers_every_row_once(block_m):
+def test_gmm_metadata_covers_every_row_once(block_m, impl):
   rng = np.random.default_rng(block_m)
-  metadata = jax.jit(metadata_lib.gmm_metadata, static_argnums=(1, 2))
+  metadata = jax.jit(GMM_METADATA[impl], static_argnums=(1, 2))
   for trial in range(60):
     m, g = ((40, 3), (200, 9), (520, 37), (1024, 256))[trial % 4]
     used = int(rng.integers(0, m + 1))
@@ -442,6 +449,55 @@ def test_gmm_metadata_covers_every_row_once(block_m):
       else:
         assert start[i] >= used
     assert (cover == 1).all()
+
+
+def _metadata_group_sizes(rng, m, g, case):
+  """Random sizes summing to at most m (padding rows after), or an edge case."""
+  if case == "one_group":
+    sizes = np.zeros(g, int)
+    sizes[rng.integers(g)] = m
+    return sizes
+  used = int(rng.integers(0, m + 1))
+  sizes = rng.multinomial(used, rng.dirichlet(np.full(g, 0.3)))
+  if case == "half_empty":
+    sizes[rng.permutation(g)[: g // 2]] = 0
+  return sizes
+
+
+@pytest.mark.parametrize("m,g,block_m", [(8, 1, 64), (296, 5, 64), (1000, 8, 128),
+                                         (4096, 300, 256), (8192, 1023, 64)])
+@pytest.mark.parametrize("case", ["random", "half_empty", "one_group"])
+def test_gmm_metadata_kernel_matches_xla_ops(m, g, block_m, case):
+  """The Triton kernel's work items are bitwise those of the XLA ops (which the test
+  above checks against the row coverage gmm needs)."""
+  rng = np.random.default_rng(m + g)
+  xla_ops = jax.jit(metadata_lib.gmm_metadata, static_argnums=(1, 2))
+  kernel = jax.jit(GMM_METADATA["kernel"], static_argnums=(1, 2))
+  for _ in range(3):
+    sizes = jnp.asarray(_metadata_group_sizes(rng, m, g, case), jnp.int32)
+    want, got = xla_ops(sizes, m, block_m), kernel(sizes, m, block_m)
+    for field, a, b in zip(("group_id", "tile_row0", "row_start", "row_end", "compute",
+                            "counts"), want.arrays(), got.arrays()):
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=field)
+
+
+def test_gmm_metadata_kernel_lowers_for_h100():
+  sizes = jnp.zeros((64,), jnp.int32)
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+    text = jax.jit(lambda s: metadata_kernel.gmm_metadata(s, 16384, 128).arrays()).trace(
+        sizes).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call") == 1, "expected the metadata as one kernel"
+
+
+def test_gmm_metadata_kernel_past_max_groups_uses_xla_ops():
+  g = metadata_kernel.MAX_GROUPS + 1
+  sizes = jnp.asarray(np.random.default_rng(0).integers(0, 3, g), jnp.int32)
+  meta = metadata_kernel.gmm_metadata(sizes, 4096, 64, interpret=True)
+  text = jax.jit(lambda s: metadata_kernel.gmm_metadata(s, 4096, 64).arrays()).trace(
+      sizes).lower().as_text()
+  assert "custom_call" not in text
+  for a, b in zip(meta.arrays(), metadata_lib.gmm_metadata(sizes, 4096, 64).arrays()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_fused_srelu_epilogues_reject_split_rows():

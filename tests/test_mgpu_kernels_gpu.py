@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import config as config_lib
+from pallas_kernels import metadata as metadata_lib
+from pallas_kernels import metadata_kernel
 from pallas_kernels.gmm_mgpu import gmm_mgpu
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu
 
@@ -71,6 +73,24 @@ SPLIT_ROWS = dataclasses.replace(CHAINED, block_m=64, block_n=256, split_rows=Tr
                                  epilogue_rows=None, epilogue_cols=128)
 # One program per (item, n-tile pair), in clusters of two.
 PER_ITEM = dataclasses.replace(CLUSTERED, persistent=False)
+
+
+@pytest.mark.parametrize("m,g,block_m", [(16384, 8, 128), (16384, 64, 128), (65536, 128, 128),
+                                         (32768, 256, 128), (8192 + 72, 37, 64),
+                                         (65536, 2047, 256)])
+def test_gmm_metadata_kernel_matches_xla_ops_on_gpu(m, g, block_m):
+  """The compiled Triton kernel (not the interpreter) against the XLA ops, bitwise."""
+  rng = np.random.default_rng(g)
+  xla_ops = jax.jit(metadata_lib.gmm_metadata, static_argnums=(1, 2))
+  kernel = jax.jit(metadata_kernel.gmm_metadata, static_argnums=(1, 2))
+  for pad, empty_every in ((0, 0), (301, 5), (m // 3, 2)):
+    gs = _group_sizes(rng, m - pad, g, empty_every)
+    for a, b in zip(xla_ops(gs, m, block_m).arrays(), kernel(gs, m, block_m).arrays()):
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+  one_group = jnp.zeros((g,), jnp.int32).at[g // 2].set(m)
+  for a, b in zip(xla_ops(one_group, m, block_m).arrays(),
+                  kernel(one_group, m, block_m).arrays()):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
 @pytest.mark.parametrize("m,k,n,g,pad", [
