@@ -85,7 +85,7 @@ def default_config(pass_: str, m: int, k: int, n: int, g: int):
   if pass_ == "wgrad":
     return config_lib.tgmm_config(m, k, n, g)
   if pass_ == "dgrad":  # dy [M, N] @ w.T: N is contracted, K comes out
-    return config_lib.gmm_config(m, n, k, g)
+    return config_lib.gmm_config(m, n, k, g, transpose_rhs=True)
   return config_lib.gmm_config(m, k, n, g)
 
 

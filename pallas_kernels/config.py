@@ -287,7 +287,7 @@ _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
 # on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). A
 # dgrad looks up (M, N, K, G): the two G=8 and the two G=64 shapes are each
 # other's dgrad; the G=128 and G=256 dgrads take the heuristic. TF/s: session
-# 11's benchmark run (BENCHMARKS.md).
+# 11's benchmark run (BENCHMARKS.md). GMM_TUNED_TRANSPOSED overrides a dgrad.
 GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
     (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 615 TF/s
     (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 612
@@ -299,6 +299,16 @@ GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
     # its weights from DRAM (1.30x the minimum bytes; 1.13x one program per item).
     (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8,        # 284 (chained: 0.8x;
                                         persistent=False),            # clusters: 0.99x)
+}
+# Where a gmm with transpose_rhs=True (a dgrad: dy @ w.T) of this (M, K, N, G)
+# wants another config than the forward of the same sizes; otherwise GMM_TUNED,
+# then the heuristic.
+GMM_TUNED_TRANSPOSED: dict[tuple[int, int, int, int], GmmConfig] = {
+    # The G=256 dgrad, one program per item without clusters: 1.040x and 1.041x
+    # the clustered persistent kernel on two H100s (2026-11-27); the forward of
+    # the same sizes (the MLP's FC2) keeps the clusters (one program per item:
+    # 0.98x there).
+    (32768, 2048, 7168, 256): GmmConfig(**_WS, grid_block_n=8, persistent=False),
 }
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 
@@ -319,8 +329,11 @@ def _deepest(make, steps, out_itemsize: int):
   return None
 
 
-def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConfig:
+def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
+               transpose_rhs: bool = False) -> GmmConfig:
   """The tuned config for this shape if there is one, else a heuristic one.
+
+  `transpose_rhs=True` (rhs stored [G, N, K]) looks in GMM_TUNED_TRANSPOSED first.
 
   Heuristic (from the H100/H200 sweeps): when N splits into 256-column tiles,
   the warp-specialised kernel with two 128x128 consumer warpgroups; its items
@@ -335,7 +348,8 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> GmmConf
   float32 accumulator a warpgroup holds in registers) and the deepest
   pipeline that fits. Small M gets 64-row tiles.
   """
-  tuned = GMM_TUNED.get((m, k, n, g))
+  tuned = (GMM_TUNED_TRANSPOSED.get((m, k, n, g)) if transpose_rhs else None) or GMM_TUNED.get(
+      (m, k, n, g))
   if tuned is not None and tuned.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
     return tuned
   block_m = 128 if m >= 128 * 8 else 64

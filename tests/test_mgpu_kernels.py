@@ -285,15 +285,19 @@ def test_gmm_lowers_for_h100_in_clusters(transpose_rhs, chain):
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_lowers_for_h100_one_program_per_item(transpose_rhs):
-  """The G=256 defaults (clusters of two in the dgrad) with persistent=False."""
+  """The G=256 forward and dgrad defaults (one program per item), and the clustered
+  kernel that way, on x [M, K] @ w [G, K, N] or dy [M, N] @ w.T."""
   m, k, n, g = 32768, 7168, 2048, 256
-  cfg = config_lib.gmm_config(m, n, k, g) if transpose_rhs else config_lib.gmm_config(m, k, n, g)
-  cfg = dataclasses.replace(cfg, persistent=False)
-  text = _lower_for_h100(
-      lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs, config=cfg),
-      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
-      jax.ShapeDtypeStruct((g,), jnp.int32))
-  assert "mosaic_gpu" in text
+  contracted, out = (n, k) if transpose_rhs else (k, n)
+  default = config_lib.gmm_config(m, contracted, out, g, transpose_rhs=transpose_rhs)
+  clustered = dataclasses.replace(config_lib.gmm_config(m, 2048, 7168, g), persistent=False)
+  assert not default.persistent and clustered.cluster_n == 2
+  for cfg in (default, clustered):
+    text = _lower_for_h100(
+        lambda a, b, c, cfg=cfg: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs, config=cfg),
+        jax.ShapeDtypeStruct((m, contracted), jnp.bfloat16),
+        jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32))
+    assert "mosaic_gpu" in text
 
 
 def test_gmm_lowers_for_h100_many_groups():
@@ -358,9 +362,14 @@ def test_config_validates_itself():
     config_lib.GmmConfig(cluster_n=3)
   with pytest.raises(ValueError, match="cluster_n=2 needs"):
     config_lib.GmmConfig(cluster_n=2)
-  # The G=256 forward runs one program per item; everything else is persistent.
+  # The G=256 forward and dgrad run one program per item, the dgrad without clusters;
+  # the forward of the dgrad's sizes (the MLP's FC2) is persistent, in clusters.
   assert not config_lib.gmm_config(32768, 7168, 2048, 256).persistent
+  dgrad = config_lib.gmm_config(32768, 2048, 7168, 256, transpose_rhs=True)
+  assert not dgrad.persistent and dgrad.cluster_n == 1
   assert config_lib.gmm_config(32768, 2048, 7168, 256).persistent
+  assert config_lib.gmm_config(16384, 1024, 4096, 64, transpose_rhs=True) == (
+      config_lib.gmm_config(16384, 1024, 4096, 64))
   with pytest.raises(ValueError, match="needs persistent=True"):
     config_lib.GmmConfig(num_compute_wgs=2, chain_items=True, persistent=False)
   with pytest.raises(NotImplementedError, match="2\\*2\\*block_n=512"):
@@ -457,6 +466,8 @@ def _metadata_group_sizes(rng, m, g, case):
     sizes = np.zeros(g, int)
     sizes[rng.integers(g)] = m
     return sizes
+  if case == "over_m":  # sums past m are clipped to m
+    return rng.multinomial(m + int(rng.integers(1, m + 1)), rng.dirichlet(np.full(g, 0.3)))
   used = int(rng.integers(0, m + 1))
   sizes = rng.multinomial(used, rng.dirichlet(np.full(g, 0.3)))
   if case == "half_empty":
@@ -466,7 +477,7 @@ def _metadata_group_sizes(rng, m, g, case):
 
 @pytest.mark.parametrize("m,g,block_m", [(8, 1, 64), (296, 5, 64), (1000, 8, 128),
                                          (4096, 300, 256), (8192, 1023, 64)])
-@pytest.mark.parametrize("case", ["random", "half_empty", "one_group"])
+@pytest.mark.parametrize("case", ["random", "half_empty", "one_group", "over_m"])
 def test_gmm_metadata_kernel_matches_xla_ops(m, g, block_m, case):
   """The Triton kernel's work items are bitwise those of the XLA ops (which the test
   above checks against the row coverage gmm needs)."""
