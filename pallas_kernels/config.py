@@ -286,8 +286,8 @@ _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
 # (M, K, N, G) -> forward config, the best of benchmarks/grouped_gemm.py --sweep
 # on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). A
 # dgrad looks up (M, N, K, G): the two G=8 and the two G=64 shapes are each
-# other's dgrad; the G=128 and G=256 dgrads take the heuristic. TF/s: session
-# 11's benchmark run (BENCHMARKS.md). GMM_TUNED_TRANSPOSED overrides a dgrad.
+# other's dgrad; the G=128 dgrad takes the heuristic, the G=256 one
+# GMM_TUNED_TRANSPOSED's entry. TF/s: session 11's benchmark run (BENCHMARKS.md).
 GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
     (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 615 TF/s
     (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 612
@@ -304,10 +304,10 @@ GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
 # wants another config than the forward of the same sizes; otherwise GMM_TUNED,
 # then the heuristic.
 GMM_TUNED_TRANSPOSED: dict[tuple[int, int, int, int], GmmConfig] = {
-    # The G=256 dgrad, one program per item without clusters: 1.040x and 1.041x
-    # the clustered persistent kernel on two H100s (2026-11-27); the forward of
-    # the same sizes (the MLP's FC2) keeps the clusters (one program per item:
-    # 0.98x there).
+    # The G=256 dgrad, one program per item without clusters: 1.040x, 1.041x
+    # and 1.059x the clustered persistent kernel on three H100s (2026-11-27);
+    # the forward of the same sizes (the MLP's FC2) keeps the clusters (one
+    # program per item: 0.98x there).
     (32768, 2048, 7168, 256): GmmConfig(**_WS, grid_block_n=8, persistent=False),
 }
 TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
@@ -348,8 +348,8 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
   float32 accumulator a warpgroup holds in registers) and the deepest
   pipeline that fits. Small M gets 64-row tiles.
   """
-  tuned = (GMM_TUNED_TRANSPOSED.get((m, k, n, g)) if transpose_rhs else None) or GMM_TUNED.get(
-      (m, k, n, g))
+  key = (m, k, n, g)
+  tuned = (GMM_TUNED_TRANSPOSED.get(key) if transpose_rhs else None) or GMM_TUNED.get(key)
   if tuned is not None and tuned.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
     return tuned
   block_m = 128 if m >= 128 * 8 else 64
