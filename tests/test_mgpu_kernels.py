@@ -486,29 +486,29 @@ def test_gmm_metadata_kernel_matches_xla_ops(m, g, block_m, case):
   kernel = jax.jit(GMM_METADATA["kernel"], static_argnums=(1, 2))
   for _ in range(3):
     sizes = jnp.asarray(_metadata_group_sizes(rng, m, g, case), jnp.int32)
-    want, got = xla_ops(sizes, m, block_m), kernel(sizes, m, block_m)
-    for field, a, b in zip(("group_id", "tile_row0", "row_start", "row_end", "compute",
-                            "counts"), want.arrays(), got.arrays()):
-      np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=field)
+    _assert_same_metadata(kernel(sizes, m, block_m), xla_ops(sizes, m, block_m))
+
+
+def _assert_same_metadata(got: metadata_lib.GmmMetadata, want: metadata_lib.GmmMetadata):
+  for field in dataclasses.fields(want):
+    np.testing.assert_array_equal(np.asarray(getattr(got, field.name)),
+                                  np.asarray(getattr(want, field.name)), err_msg=field.name)
 
 
 def test_gmm_metadata_kernel_lowers_for_h100():
-  sizes = jnp.zeros((64,), jnp.int32)
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
-    text = jax.jit(lambda s: metadata_kernel.gmm_metadata(s, 16384, 128).arrays()).trace(
-        sizes).lower(lowering_platforms=("cuda",)).as_text()
+  text = _lower_for_h100(lambda s: metadata_kernel.gmm_metadata(s, 16384, 128).arrays(),
+                         jax.ShapeDtypeStruct((64,), jnp.int32))
   assert text.count("custom_call") == 1, "expected the metadata as one kernel"
 
 
 def test_gmm_metadata_kernel_past_max_groups_uses_xla_ops():
   g = metadata_kernel.MAX_GROUPS + 1
   sizes = jnp.asarray(np.random.default_rng(0).integers(0, 3, g), jnp.int32)
-  meta = metadata_kernel.gmm_metadata(sizes, 4096, 64, interpret=True)
   text = jax.jit(lambda s: metadata_kernel.gmm_metadata(s, 4096, 64).arrays()).trace(
       sizes).lower().as_text()
   assert "custom_call" not in text
-  for a, b in zip(meta.arrays(), metadata_lib.gmm_metadata(sizes, 4096, 64).arrays()):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_metadata(metadata_kernel.gmm_metadata(sizes, 4096, 64, interpret=True),
+                        metadata_lib.gmm_metadata(sizes, 4096, 64))
 
 
 def test_fused_srelu_epilogues_reject_split_rows():
