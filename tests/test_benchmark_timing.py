@@ -38,6 +38,7 @@ def test_config_ab_parses_variants_and_skips_what_does_not_apply():
   assert config_ab.parse_variant("cl2:cluster_n=2,grid_block_n=4") == (
       "cl2", {"cluster_n": 2, "grid_block_n": 4})
   assert config_ab.parse_variant("rows:epilogue_rows=None") == ("rows", {"epilogue_rows": None})
+  assert config_ab.parse_variant("same:") == ("same", {})  # the default again: the noise
   for bad in ("cluster_n=2", "x:cluster_n", "x:cluster_n=two"):
     with pytest.raises(ValueError, match="--variant"):
       config_ab.parse_variant(bad)
@@ -47,6 +48,7 @@ def test_config_ab_parses_variants_and_skips_what_does_not_apply():
       base, {"cl2": {"cluster_n": 2}, "bad": {"cluster_n": 3}, "tgmm_only": {"block_k": 7}},
       skipped.append)
   assert list(variants) == ["base", "cl2"] and variants["cl2"].cluster_n == 2
+  assert config_ab.variants_of(base, {"same": {}}, skipped.append)["same"] == base
   assert len(skipped) == 2
 
 
