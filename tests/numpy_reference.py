@@ -1,6 +1,9 @@
-"""Float64 NumPy references for the grouped GEMMs and the expert MLP, and test inputs."""
+"""Float64 NumPy references for the grouped GEMMs and the expert MLP, test inputs and
+assertions."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -98,3 +101,10 @@ def assert_close(actual, expected, rtol, name=""):
   assert err <= rtol, f"{name}: normwise relative error {err:.3g} > {rtol}"
   np.testing.assert_allclose(actual, expected, rtol=0, atol=4 * rtol * scale,
                              err_msg=name)
+
+
+def assert_same_metadata(got, want):
+  """Two GmmMetadata (or TgmmMetadata) equal field by field, bitwise."""
+  for field in dataclasses.fields(want):
+    np.testing.assert_array_equal(np.asarray(getattr(got, field.name)),
+                                  np.asarray(getattr(want, field.name)), err_msg=field.name)

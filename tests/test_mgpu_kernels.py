@@ -11,15 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
+from numpy_reference import assert_same_metadata
+from cuda_lowering import lower_for_h100
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 from pallas_kernels import metadata_kernel
 from pallas_kernels.gmm_mgpu import gmm_mgpu
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu
 
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 # Relative Frobenius error allowed for each output dtype (products of bf16/fp16
 # inputs are exact in float32; the output rounding dominates).
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -236,12 +236,6 @@ def test_tgmm_interpret_split_rows(m, k, n, sizes, out_dtype, sms, monkeypatch):
   test_tgmm_interpret(m, k, n, sizes, jnp.bfloat16, out_dtype, cfg=cfg)
 
 
-def _lower_for_h100(fn, *avals):
-  mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-
-
 SPLIT_ROWS = dict(block_m=64, block_n=256, split_rows=True, epilogue_cols=128)
 
 
@@ -249,7 +243,7 @@ def _assert_gmm_lowers(cfg, transpose_rhs, out_dtype=None):
   """gmm_mgpu with cfg lowers for an H100 at M=4096, K=N=1024, G=64."""
   m, k, n, g = 4096, 1024, 1024, 64
   rhs_shape = (g, n, k) if transpose_rhs else (g, k, n)
-  text = _lower_for_h100(
+  text = lower_for_h100(
       lambda a, b, c: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs,
                                out_dtype=out_dtype, config=cfg),
       jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
@@ -293,7 +287,7 @@ def test_gmm_lowers_for_h100_one_program_per_item(transpose_rhs):
   clustered = dataclasses.replace(config_lib.gmm_config(m, 2048, 7168, g), persistent=False)
   assert not default.persistent and clustered.cluster_n == 2
   for cfg in (default, clustered):
-    text = _lower_for_h100(
+    text = lower_for_h100(
         lambda a, b, c, cfg=cfg: gmm_mgpu(a, b, c, transpose_rhs=transpose_rhs, config=cfg),
         jax.ShapeDtypeStruct((m, contracted), jnp.bfloat16),
         jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32))
@@ -301,7 +295,7 @@ def test_gmm_lowers_for_h100_one_program_per_item(transpose_rhs):
 
 
 def test_gmm_lowers_for_h100_many_groups():
-  text = _lower_for_h100(
+  text = lower_for_h100(
       gmm_mgpu, jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16),
       jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16),
       jax.ShapeDtypeStruct((256,), jnp.int32))
@@ -324,7 +318,7 @@ def test_tgmm_lowers_for_h100(dtype, out_dtype, ws, consumers, epilogue_rows):
                                                     or "epilogue_cols" in tile else 2),
                               num_compute_wgs=2 if consumers == "k" else consumers,
                               epilogue_rows=epilogue_rows)
-  text = _lower_for_h100(
+  text = lower_for_h100(
       lambda a, b, c: tgmm_mgpu(a, b, c, out_dtype=out_dtype, config=cfg),
       jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype),
       jax.ShapeDtypeStruct((g,), jnp.int32))
@@ -486,17 +480,11 @@ def test_gmm_metadata_kernel_matches_xla_ops(m, g, block_m, case):
   kernel = jax.jit(GMM_METADATA["kernel"], static_argnums=(1, 2))
   for _ in range(3):
     sizes = jnp.asarray(_metadata_group_sizes(rng, m, g, case), jnp.int32)
-    _assert_same_metadata(kernel(sizes, m, block_m), xla_ops(sizes, m, block_m))
-
-
-def _assert_same_metadata(got: metadata_lib.GmmMetadata, want: metadata_lib.GmmMetadata):
-  for field in dataclasses.fields(want):
-    np.testing.assert_array_equal(np.asarray(getattr(got, field.name)),
-                                  np.asarray(getattr(want, field.name)), err_msg=field.name)
+    assert_same_metadata(kernel(sizes, m, block_m), xla_ops(sizes, m, block_m))
 
 
 def test_gmm_metadata_kernel_lowers_for_h100():
-  text = _lower_for_h100(lambda s: metadata_kernel.gmm_metadata(s, 16384, 128).arrays(),
+  text = lower_for_h100(lambda s: metadata_kernel.gmm_metadata(s, 16384, 128).arrays(),
                          jax.ShapeDtypeStruct((64,), jnp.int32))
   assert text.count("custom_call") == 1, "expected the metadata as one kernel"
 
@@ -507,7 +495,7 @@ def test_gmm_metadata_kernel_past_max_groups_uses_xla_ops():
   text = jax.jit(lambda s: metadata_kernel.gmm_metadata(s, 4096, 64).arrays()).trace(
       sizes).lower().as_text()
   assert "custom_call" not in text
-  _assert_same_metadata(metadata_kernel.gmm_metadata(sizes, 4096, 64, interpret=True),
+  assert_same_metadata(metadata_kernel.gmm_metadata(sizes, 4096, 64, interpret=True),
                         metadata_lib.gmm_metadata(sizes, 4096, 64))
 
 
