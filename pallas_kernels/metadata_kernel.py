@@ -4,8 +4,8 @@
 on the GPU: 7-10 us per gmm call, 3 % of a G=64 forward. This kernel computes the
 same arrays in one launch, which made gmm calls 1.015-1.036x faster at G=8 and
 G=64 and left G=128 and G=256 unchanged (H100, 2026-11-27, BENCHMARKS.md).
-tgmm's metadata (a prefix sum and elementwise ops) costs nothing measurable and
-stays XLA.
+tgmm's metadata (a prefix sum and elementwise ops) stays XLA: it costs 2-3 % of
+a G=64 or G=128 tgmm call, but as a kernel of its own it cost as much (a launch).
 
 Every program rebuilds the segment table from `group_sizes` (G + 1 entries in
 registers, two prefix sums) and fills `items_block` work items. The segment of

@@ -125,10 +125,8 @@ def test_keeps_no_more_residuals_than_lax_scan():
   x = jax.random.normal(jax.random.key(2), (n, n))
   plain = _device_residual_bytes(_scan_loss(pipelined=False), w, x)
   pipelined = _device_residual_bytes(_scan_loss(pipelined=True), w, x)
-  per_layer_square = n * n * 4  # one float32 [n, n] residual per layer
-  assert pipelined <= plain, (pipelined, plain)
   # Before: the mask (bool) and the masked logits were stacked for every layer.
-  assert plain - pipelined > -per_layer_square
+  assert pipelined <= plain, (pipelined, plain)
   np.testing.assert_allclose(
       jax.grad(_scan_loss(True), argnums=(0, 1))(w, x)[0],
       jax.grad(_scan_loss(False), argnums=(0, 1))(w, x)[0], rtol=1e-5, atol=1e-6)
