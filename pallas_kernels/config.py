@@ -2,8 +2,8 @@
 
 A config is a frozen dataclass that checks itself on construction; `validate_for`
 checks it against a problem's sizes. `gmm_config` / `tgmm_config` pick one per
-shape: first from a small table of configs tuned on an H100 (bf16, random group
-sizes), then from a size heuristic.
+shape: the autotuned one from a tuning cache (`tuning_cache.py`, written by
+`python -m pallas_kernels.autotune`) for this device, else a size heuristic.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+
+from pallas_kernels import tuning_cache
 
 # Hopper: 228 KiB of shared memory per SM, of which a block may use 227 KiB.
 SMEM_BYTES = 227 * 1024
@@ -283,34 +286,6 @@ _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
            num_compute_wgs=2)
 _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
                 num_compute_wgs=2, chain_items=True, epilogue_rows=64)
-# (M, K, N, G) -> forward config, the best of benchmarks/grouped_gemm.py --sweep
-# on an H100 80GB HBM3 (bf16 in and out, random group sizes; 2026-11-26). A
-# dgrad looks up (M, N, K, G): the two G=8 and the two G=64 shapes are each
-# other's dgrad; the G=128 dgrad takes the heuristic, the G=256 one
-# GMM_TUNED_TRANSPOSED's entry. TF/s: session 11's benchmark run (BENCHMARKS.md).
-GMM_TUNED: dict[tuple[int, int, int, int], GmmConfig] = {
-    (16384, 4096, 2048, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 615 TF/s
-    (16384, 2048, 4096, 8): GmmConfig(**_CHAINED, grid_block_n=8),    # 612
-    (16384, 4096, 1024, 64): GmmConfig(**_CHAINED, grid_block_n=4),   # 480
-    (16384, 1024, 4096, 64): GmmConfig(**_CHAINED, grid_block_n=8),   # 446
-    (65536, 2048, 1536, 128): GmmConfig(**_CHAINED, grid_block_n=8),  # 542
-    # One program per item: 1.10x the persistent kernel (H100, 2026-11-27), whose
-    # SMs drift apart over their items so that a group's second row tile re-reads
-    # its weights from DRAM (1.30x the minimum bytes; 1.13x one program per item).
-    (32768, 7168, 2048, 256): GmmConfig(**_WS, grid_block_n=8,        # 284 (chained: 0.8x;
-                                        persistent=False),            # clusters: 0.99x)
-}
-# Where a gmm with transpose_rhs=True (a dgrad: dy @ w.T) of this (M, K, N, G)
-# wants another config than the forward of the same sizes; otherwise GMM_TUNED,
-# then the heuristic.
-GMM_TUNED_TRANSPOSED: dict[tuple[int, int, int, int], GmmConfig] = {
-    # The G=256 dgrad, one program per item without clusters: 1.040x, 1.041x
-    # and 1.059x the clustered persistent kernel on three H100s (2026-11-27);
-    # the forward of the same sizes (the MLP's FC2) keeps the clusters (one
-    # program per item: 0.98x there).
-    (32768, 2048, 7168, 256): GmmConfig(**_WS, grid_block_n=8, persistent=False),
-}
-TGMM_TUNED: dict[tuple[int, int, int, int], TgmmConfig] = {}
 
 
 def _largest_dividing(n: int, candidates: tuple[int, ...]) -> int | None:
@@ -330,12 +305,31 @@ def _deepest(make, steps, out_itemsize: int):
 
 
 def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
-               transpose_rhs: bool = False) -> GmmConfig:
-  """The tuned config for this shape if there is one, else a heuristic one.
+               transpose_rhs: bool = False, *, dtype=jnp.bfloat16,
+               device_kind: str | None = None) -> GmmConfig:
+  """The config `gmm_mgpu` runs by default on lhs [M, K], rhs [G, K, N] (or [G, N, K]).
 
-  `transpose_rhs=True` (rhs stored [G, N, K]) looks in GMM_TUNED_TRANSPOSED first.
+  The autotuned one for (M bucket, K, N, G, dtype, out bytes, device kind) when a
+  tuning cache has it (`tuning_cache`, written by `python -m pallas_kernels.autotune`)
+  and it fits, else `heuristic_gmm_config`. `transpose_rhs=True` (the input
+  gradient, rhs stored [G, N, K]) has entries of its own. `device_kind` defaults
+  to the device the kernel is lowered for (`current_device_kind`).
+  """
+  fields = tuning_cache.lookup("gmm_t" if transpose_rhs else "gmm", m, k, n, g,
+                               dtype=dtype, out_itemsize=out_itemsize,
+                               device_kind=device_kind or current_device_kind())
+  tuned = GmmConfig(**fields) if fields else None
+  if tuned is not None and tuned.smem_bytes(jnp.dtype(dtype).itemsize,
+                                            out_itemsize) <= SMEM_BYTES:
+    return tuned
+  return heuristic_gmm_config(m, k, n, g, out_itemsize)
 
-  Heuristic (from the H100/H200 sweeps): when N splits into 256-column tiles,
+
+def heuristic_gmm_config(m: int, k: int, n: int, g: int,
+                         out_itemsize: int = 2) -> GmmConfig:
+  """A config for shapes no tuning cache holds, by a size rule.
+
+  Rule (from the H100/H200 sweeps): when N splits into 256-column tiles,
   the warp-specialised kernel with two 128x128 consumer warpgroups; its items
   chained into one 4-deep pipeline per SM with the epilogue staged in 64-row
   halves when K/64 is a multiple of 4 and groups average 256 rows or more (at
@@ -348,10 +342,6 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
   float32 accumulator a warpgroup holds in registers) and the deepest
   pipeline that fits. Small M gets 64-row tiles.
   """
-  key = (m, k, n, g)
-  tuned = (GMM_TUNED_TRANSPOSED.get(key) if transpose_rhs else None) or GMM_TUNED.get(key)
-  if tuned is not None and tuned.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
-    return tuned
   block_m = 128 if m >= 128 * 8 else 64
   if block_m == 128 and n % 256 == 0:
     small_groups = m < 256 * g
@@ -369,10 +359,27 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
   return cfg or GmmConfig(block_m=block_m, block_n=64, block_k=64)
 
 
-def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmConfig:
-  """The tuned config for this shape if there is one, else a heuristic one.
+def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
+                dtype=jnp.bfloat16, device_kind: str | None = None) -> TgmmConfig:
+  """The config `tgmm_mgpu` runs by default on lhs [M, K], rhs [M, N] -> [G, K, N].
 
-  Heuristic (from the H100 sweeps of 2026-11-26 and 2026-11-27): the
+  The autotuned one when a tuning cache has it and it fits (as `gmm_config`), else
+  `heuristic_tgmm_config`.
+  """
+  fields = tuning_cache.lookup("tgmm", m, k, n, g, dtype=dtype, out_itemsize=out_itemsize,
+                               device_kind=device_kind or current_device_kind())
+  tuned = TgmmConfig(**fields) if fields else None
+  if tuned is not None and tuned.smem_bytes(jnp.dtype(dtype).itemsize,
+                                            out_itemsize) <= SMEM_BYTES:
+    return tuned
+  return heuristic_tgmm_config(m, k, n, g, out_itemsize)
+
+
+def heuristic_tgmm_config(m: int, k: int, n: int, g: int,
+                          out_itemsize: int = 2) -> TgmmConfig:
+  """A config for shapes no tuning cache holds, by a size rule.
+
+  Rule (from the H100 sweeps of 2026-11-26 and 2026-11-27): the
   warp-specialised kernel with 64-row steps. With 16-bit outputs, K a multiple
   of 128 and N of 256: two consumer warpgroups on a 128x256 tile, one on its
   top and one on its bottom 64 rows (split_rows), with a 4-slot ring and the
@@ -385,8 +392,6 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> TgmmCo
   slots): 1.06-1.40x the one-warpgroup kernel on all six benchmark shapes;
   128-row steps (3 slots) were 0.7-1.0x.
   """
-  if (m, k, n, g) in TGMM_TUNED:
-    return TGMM_TUNED[(m, k, n, g)]
   if out_itemsize == 2 and k % 128 == 0 and n % 256 == 0:
     return TgmmConfig(64, 64, 256, max_concurrent_steps=4, grid_block_n=8,
                       warp_specialized=True, num_compute_wgs=2, split_rows=True,
@@ -413,3 +418,17 @@ def num_sms() -> int:
   if device.platform == "gpu":
     return getattr(device, "core_count", None) or DEFAULT_NUM_SMS
   return INTERPRET_NUM_SMS
+
+
+def current_device_kind() -> str | None:
+  """`device_kind` of the device kernels are lowered for: the abstract mesh's device if
+  there is one, else the first GPU; None off a GPU (the interpreter: no tuned configs)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  abstract_device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  if abstract_device is not None and getattr(abstract_device, "device_kind", None):
+    return abstract_device.device_kind
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return device.device_kind if device.platform == "gpu" else None

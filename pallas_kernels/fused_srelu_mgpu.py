@@ -122,7 +122,7 @@ def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, confi
   m, k = dy.shape
   if config is None:
     config = config_lib.gmm_config(m, k, w2.shape[1], w2.shape[0], h.dtype.itemsize,
-                                   transpose_rhs=True)
+                                   transpose_rhs=True, dtype=dy.dtype)
     # Loading a 256-column h tile into the WGMMA layout sends Mosaic GPU's layout
     # inference into a search that does not end in reasonable time. The h tile
     # comes in through a whole-tile staging buffer, which leaves room for 3

@@ -110,7 +110,7 @@ def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
     raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
   if config is None:
     config = config_lib.gmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize,
-                                   transpose_rhs)
+                                   transpose_rhs, dtype=lhs.dtype)
   config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   check_hopper(interpret)
   return config

@@ -66,7 +66,8 @@ def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = 
     # TMA tiles the row dimension of lhs in 8s: M must split into whole tiles.
     raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
   if config is None:
-    config = config_lib.tgmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize)
+    config = config_lib.tgmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize,
+                                    dtype=lhs.dtype)
   config.validate_for(k, n, jnp.dtype(lhs.dtype).itemsize, out_dtype.itemsize)
   check_hopper(interpret)
   return config
