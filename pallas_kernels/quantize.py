@@ -1,0 +1,93 @@
+"""Blockwise FP8 (e4m3) quantisation: the layouts every FP8 kernel reads, in XLA.
+
+The recipe (DeepSeek-V3's, TransformerEngine's `Float8BlockScaling`):
+
+  * activations and gradients, x [M, K], in 1x128 tiles along K: one float32 scale
+    per row per 128 columns (`quantize_rows`);
+  * weights, w [G, K, N], in 128x128 blocks: one scale per block (`quantize_blocks`),
+    so that the transposed weight needs no requantisation.
+
+A scale is amax(|tile|) / 448 (448 = e4m3's largest finite value; 1 for an all-zero
+tile), the values round(x / scale) in e4m3, and x ~= values * scale.
+
+Hopper's FP8 wgmma reads both operands K-major (the contracted axis contiguous),
+so each pass wants its own layout; the quantisers produce them directly:
+
+  pass                     lhs (K-major)                 rhs (K-major)
+  fwd   y  = x @ w         rows of x      [M, K]         w transposed  [G, N, K]
+  dgrad dx = dy @ w.T      rows of dy     [M, N]         w as stored   [G, K, N]
+  wgrad dw = x.T @ dy      columns of x   [K, M]         columns of dy [N, M]
+
+Row scales are stored transposed, [K // 128, M]: one K block's scales of
+consecutive rows are contiguous (one TMA copy per pipeline step).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK = 128  # scale tile: 1x128 for activations, 128x128 for weights
+
+
+class RowQuantized(NamedTuple):
+  """x [M, K] in 1x128 tiles: values [M, K] e4m3, scales [K // 128, M] float32."""
+  values: jax.Array
+  scales: jax.Array
+
+
+class BlockQuantized(NamedTuple):
+  """w [G, K, N] in 128x128 blocks: values [G, K, N] and values_t [G, N, K] e4m3
+  (the same numbers, both layouts), scales [G, K // 128, N // 128] float32."""
+  values: jax.Array
+  values_t: jax.Array
+  scales: jax.Array
+
+
+def _check_blocks(name: str, x: jax.Array, axes: tuple[int, ...]) -> None:
+  for axis in axes:
+    if x.shape[axis] % BLOCK:
+      raise ValueError(f"FP8 quantisation of '{name}' needs its axis {axis} to be a "
+                       f"multiple of {BLOCK}; got shape {tuple(x.shape)}.")
+
+
+def _scale(amax: jax.Array) -> jax.Array:
+  return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+
+
+def quantize_rows(x: jax.Array) -> RowQuantized:
+  """x [M, K] float -> RowQuantized, one scale per row per 128 columns (K % 128 == 0)."""
+  _check_blocks("x", x, (1,))
+  m, k = x.shape
+  tiles = x.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
+  scales = _scale(jnp.max(jnp.abs(tiles), axis=2))  # [M, K // 128]
+  values = (tiles / scales[:, :, None]).astype(FP8).reshape(m, k)
+  return RowQuantized(values, scales.T)
+
+
+def quantize_blocks(w: jax.Array) -> BlockQuantized:
+  """w [G, K, N] float -> BlockQuantized, one scale per 128x128 block."""
+  _check_blocks("w", w, (1, 2))
+  g, k, n = w.shape
+  blocks = w.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
+  scales = _scale(jnp.max(jnp.abs(blocks), axis=(2, 4)))  # [G, K // 128, N // 128]
+  values = (blocks / scales[:, :, None, :, None]).astype(FP8).reshape(g, k, n)
+  return BlockQuantized(values, jnp.swapaxes(values, 1, 2), scales)
+
+
+def dequantize_rows(q: RowQuantized) -> jax.Array:
+  """RowQuantized -> x [M, K] float32."""
+  m, k = q.values.shape
+  tiles = q.values.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
+  return (tiles * q.scales.T[:, :, None]).reshape(m, k)
+
+
+def dequantize_blocks(q: BlockQuantized) -> jax.Array:
+  """BlockQuantized -> w [G, K, N] float32."""
+  g, k, n = q.values.shape
+  blocks = q.values.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
+  return (blocks * q.scales[:, :, None, :, None]).reshape(g, k, n)
