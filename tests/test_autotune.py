@@ -115,7 +115,8 @@ def test_shipped_entries_build_and_fit_their_problems():
       make = config_lib.TgmmConfig if op == "tgmm" else config_lib.GmmConfig
       cfg = make(**entry["config"])
       cfg.validate_for(int(k), int(n), np.dtype(dtype).itemsize, int(out_bytes))
-      assert tuning_cache.m_bucket(int(m)) == int(m) and entry["ms"] > 0
+      assert tuning_cache.m_bucket(int(m)) == int(m)
+  assert files, "no tuning cache is shipped"
 
 
 def test_bad_cache_and_op_are_value_errors(tmp_path):

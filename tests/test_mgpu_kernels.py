@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 
 from numpy_reference import assert_same_metadata
-from cuda_lowering import lower_for_h100
+from cuda_lowering import H100, lower_for_h100
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 from pallas_kernels import metadata_kernel
 from pallas_kernels.gmm_mgpu import gmm_mgpu
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu
+
+# The defaults a kernel lowered for an H100 gets: the shipped H100 tuning cache, else
+# the heuristic (plain `config_lib.gmm_config` off a GPU is the heuristic alone).
+h100_gmm_config = functools.partial(config_lib.gmm_config, device_kind=H100.device_kind)
 
 # Relative Frobenius error allowed for each output dtype (products of bf16/fp16
 # inputs are exact in float32; the output rounding dominates).
@@ -283,7 +287,7 @@ def test_gmm_lowers_for_h100_one_program_per_item(transpose_rhs):
   kernel that way, on x [M, K] @ w [G, K, N] or dy [M, N] @ w.T."""
   m, k, n, g = 32768, 7168, 2048, 256
   contracted, out = (n, k) if transpose_rhs else (k, n)
-  default = config_lib.gmm_config(m, contracted, out, g, transpose_rhs=transpose_rhs)
+  default = h100_gmm_config(m, contracted, out, g, transpose_rhs=transpose_rhs)
   clustered = dataclasses.replace(config_lib.gmm_config(m, 2048, 7168, g), persistent=False)
   assert not default.persistent and clustered.cluster_n == 2
   for cfg in (default, clustered):
@@ -358,8 +362,8 @@ def test_config_validates_itself():
     config_lib.GmmConfig(cluster_n=2)
   # The G=256 forward and dgrad run one program per item, the dgrad without clusters;
   # the forward of the dgrad's sizes (the MLP's FC2) is persistent, in clusters.
-  assert not config_lib.gmm_config(32768, 7168, 2048, 256).persistent
-  dgrad = config_lib.gmm_config(32768, 2048, 7168, 256, transpose_rhs=True)
+  assert not h100_gmm_config(32768, 7168, 2048, 256).persistent
+  dgrad = h100_gmm_config(32768, 2048, 7168, 256, transpose_rhs=True)
   assert not dgrad.persistent and dgrad.cluster_n == 1
   assert config_lib.gmm_config(32768, 2048, 7168, 256).persistent
   assert config_lib.gmm_config(16384, 1024, 4096, 64, transpose_rhs=True) == (
