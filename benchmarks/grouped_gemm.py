@@ -13,11 +13,13 @@ Timing: each function is jitted; after a warm-up, 40 calls are dispatched back t
 back and the host waits once (dispatch overlaps the GPU), median of 3 such
 runs; all functions of a shape are timed in turn, in 5 interleaved rounds
 (`timing.interleaved_ms`), and each gets its median over the rounds, so that the
-GPU's clock and power state drift alike for all of them. Config sweeps (ours with
---sweep, ragged_dot_mgpu always) pick a config first, timed one after another.
+GPU's clock and power state drift alike for all of them. Our kernels run their
+default configs (`config.gmm_config` / `tgmm_config`: the tuning cache, else the
+heuristic; `python -m pallas_kernels.autotune` makes the cache); ragged_dot_mgpu's
+config is picked by a short sweep first, timed one after another.
 Inputs are random normal bf16 (never zeros), group sizes random (shapes.py).
 
-    PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--sweep] [--no-torch]
+    PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--no-torch]
 
 Writes benchmarks/results/grouped_gemm.json (format in DESIGN.md) and prints a table.
 """
@@ -40,7 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES, flops, random_group_sizes  # noqa: E402
 from timing import interleaved_ms, time_ms  # noqa: E402
 
-from pallas_kernels import config as config_lib  # noqa: E402
 from pallas_kernels.gmm_mgpu import gmm_mgpu  # noqa: E402
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu  # noqa: E402
 
@@ -49,79 +50,23 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
 # (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) for ragged_dot_mgpu.
 RAGGED_MGPU_CONFIGS = ((128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (64, 128, 64, 5, 4),
                        (128, 64, 64, 5, 4), (192, 128, 64, 3, 4))
-_WS = dict(block_m=128, block_n=128, block_k=64, num_compute_wgs=2)
-GMM_SWEEP = (
-    config_lib.GmmConfig(128, 128, 64, 5, 4),
-    config_lib.GmmConfig(**_WS, max_concurrent_steps=3, grid_block_n=4),
-    config_lib.GmmConfig(**_WS, max_concurrent_steps=3, grid_block_n=8),
-    config_lib.GmmConfig(**_WS, max_concurrent_steps=4, grid_block_n=4, chain_items=True,
-                         epilogue_rows=64),
-    config_lib.GmmConfig(**_WS, max_concurrent_steps=4, grid_block_n=8, chain_items=True,
-                         epilogue_rows=64),
-)
-TGMM_SWEEP = (
-    config_lib.TgmmConfig(64, 128, 128, 4, 4),
-    config_lib.TgmmConfig(64, 128, 128, 4, 4, warp_specialized=True),
-    config_lib.TgmmConfig(64, 128, 128, 5, 4, warp_specialized=True),
-    config_lib.TgmmConfig(64, 128, 128, 5, 8, warp_specialized=True),
-    config_lib.TgmmConfig(128, 128, 128, 3, 4, warp_specialized=True),
-    config_lib.TgmmConfig(64, 128, 128, 4, 8, warp_specialized=True, num_compute_wgs=2,
-                          epilogue_rows=64),
-    config_lib.TgmmConfig(64, 64, 256, 4, 8, warp_specialized=True, num_compute_wgs=2,
-                          split_rows=True, epilogue_cols=128),
-)
-
-
-def _fits(cfg, k, n) -> bool:
-  try:
-    cfg.validate_for(k, n)
-  except NotImplementedError:
-    return False
-  return True
-
-
 def _tflops(m, k, n, passes, ms):
   return round(flops(m, k, n, passes) / ms / 1e9, 1)
 
 
-def _best_config(configs, fn, args, m, k, n, log):
-  """The fastest of `configs` for fn(*args, config=cfg), or None; logs each."""
-  best = None
-  for cfg in configs:
-    try:
-      ms = time_ms(jax.jit(functools.partial(fn, config=cfg)), *args)
-    except Exception as e:  # noqa: BLE001 -- a config may not fit; report it
-      log(f"  sweep {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
-      continue
-    log(f"  sweep {cfg}: {_tflops(m, k, n, 1, ms)} TF/s")
-    if best is None or ms < best[0]:
-      best = (ms, cfg)
-  return best[1] if best else None
-
-
-def jaxmoe_entries(x, w, gs, dy, m, k, n, sweep, log):
-  """Our kernels' entries: fwd and wgrad (best of the sweeps if asked), dgrad, fwd+bwd."""
-  fwd_cfg = wgrad_cfg = None
-  if sweep:
-    fwd_cfg = _best_config([c for c in GMM_SWEEP if _fits(c, k, n)], gmm_mgpu,
-                           (x, w, gs), m, k, n, log)
-    wgrad_cfg = _best_config([c for c in TGMM_SWEEP if k % c.block_k == 0
-                              and n % c.block_n == 0], tgmm_mgpu, (x, dy, gs), m, k, n, log)
-  # dgrad is gmm with N and K swapped: reuse the forward's best config if it fits.
-  dgrad_cfg = fwd_cfg if fwd_cfg is not None and _fits(fwd_cfg, k=n, n=k) else None
-  fwd = jax.jit(functools.partial(gmm_mgpu, config=fwd_cfg))
-  dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True, config=dgrad_cfg))
-  wgrad = jax.jit(functools.partial(tgmm_mgpu, config=wgrad_cfg))
+def jaxmoe_entries(x, w, gs, dy):
+  """Our kernels' entries with their default configs: fwd, dgrad, wgrad, fwd+bwd."""
+  fwd = jax.jit(gmm_mgpu)
+  dgrad = jax.jit(functools.partial(gmm_mgpu, transpose_rhs=True))
+  wgrad = jax.jit(tgmm_mgpu)
 
   @jax.jit
   def fwd_bwd(x, w, gs, dy):
-    return (gmm_mgpu(x, w, gs, config=fwd_cfg),
-            gmm_mgpu(dy, w, gs, transpose_rhs=True, config=dgrad_cfg),
-            tgmm_mgpu(x, dy, gs, config=wgrad_cfg))
+    return gmm_mgpu(x, w, gs), gmm_mgpu(dy, w, gs, transpose_rhs=True), tgmm_mgpu(x, dy, gs)
 
-  return [_entry("fwd", "jaxmoe", fwd, (x, w, gs), 1, fwd_cfg),
-          _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1, dgrad_cfg),
-          _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1, wgrad_cfg),
+  return [_entry("fwd", "jaxmoe", fwd, (x, w, gs), 1),
+          _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1),
+          _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1),
           _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
 
 
@@ -227,7 +172,6 @@ def print_table(records) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="first two shapes only")
-  parser.add_argument("--sweep", action="store_true", help="sweep gmm forward configs")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--anchors", choices=("all", "dense", "none"), default="all")
   parser.add_argument("--log", default=None)
@@ -247,7 +191,7 @@ def main() -> None:
     w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     gs = jnp.asarray(random_group_sizes(m, g))
-    entries = jaxmoe_entries(x, w, gs, dy, m, k, n, args.sweep, log)
+    entries = jaxmoe_entries(x, w, gs, dy)
     if args.anchors != "none":
       entries += anchor_entries(x, w, gs, dy, m, k, n, g, log, args.anchors == "dense")
     recs = time_entries(entries, m, k, n)
