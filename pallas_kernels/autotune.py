@@ -208,7 +208,7 @@ def _default_config(p: Problem):
   return config_lib.gmm_config(p.m, p.k, p.n, p.g, transpose_rhs=p.op == "gmm_t")
 
 
-def sweep(p: Problem, *, finalists: int = 3, rounds: int = 3, workers: int = 8,
+def sweep(p: Problem, *, finalists: int = 3, rounds: int = 3, workers: int = 4,
           log=print) -> Result:
   """Times every candidate of `p` on the current GPU; see the module docstring."""
   default = _default_config(p)
@@ -288,6 +288,8 @@ def main(argv=None) -> None:
                       help="stop starting new problems after this many seconds")
   parser.add_argument("--skip-cached", action="store_true",
                       help="leave out problems that --out already holds")
+  parser.add_argument("--compile-workers", type=int, default=4,
+                      help="threads compiling a problem's candidates (1: one at a time)")
   parser.add_argument("--report", default=None,
                       help="also write each problem's result (JSON records) to this file")
   args = parser.parse_args(argv)
@@ -315,7 +317,7 @@ def main(argv=None) -> None:
       log(f"budget of {args.budget_s:.0f} s spent: {len(problems) - i} problems left")
       break
     try:
-      r = sweep(p, log=log)
+      r = sweep(p, workers=args.compile_workers, log=log)
     except RuntimeError as e:
       log(f"[{i + 1}/{len(problems)}] {p}: skipped: {e}")
       continue
