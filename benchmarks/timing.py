@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import statistics
-import time
 
-import jax
+from pallas_kernels import autotune
 
 CALLS, REPEATS = 30, 5
 
 
 def time_ms(fn, *args, calls: int = CALLS, repeats: int = REPEATS) -> float:
-  """Median over `repeats` of the mean time of `calls` back-to-back calls, in ms.
-
-  One `block_until_ready` per sub-millisecond call under-reads by ~25% (DESIGN.md);
-  here the host dispatches `calls` calls and waits once.
-  """
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
-  return statistics.median(times) * 1e3
+  """Median over `repeats` of the mean time of `calls` back-to-back calls, in ms
+  (`pallas_kernels.autotune.time_ms`: the host dispatches `calls` calls, waits once)."""
+  return autotune.time_ms(fn, args, calls=calls, repeats=repeats)
 
 
 def interleaved_ms(fns: dict, rounds: int = 5, calls: int = 40, repeats: int = 3) -> dict:
