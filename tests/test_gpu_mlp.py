@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxmoe
+from benchmarks import grouped_mlp as grouped_mlp_benchmark
 import numpy_reference as ref
 from pallas_kernels import config as config_lib
 from pallas_kernels import tuning_cache
@@ -19,12 +20,7 @@ pytestmark = pytest.mark.gpu
 def _inputs(m, h, f, g, seed=0):
   rng = np.random.default_rng(seed)
   gs = ref.random_group_sizes(rng, m - 136, g, num_empty=2)  # 136 padding rows
-  keys = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(keys[0], (m, h), jnp.bfloat16)
-  w1 = (jax.random.normal(keys[1], (g, h, f)) * h**-0.5).astype(jnp.bfloat16)
-  w2 = (jax.random.normal(keys[2], (g, f, h)) * f**-0.5).astype(jnp.bfloat16)
-  p = jax.random.uniform(keys[3], (m,), jnp.float32)
-  dy = jax.random.normal(keys[4], (m, h), jnp.bfloat16)
+  x, w1, w2, p, dy = grouped_mlp_benchmark.inputs(m, h, f, g, key=seed)
   return x, w1, w2, jnp.asarray(gs), p, dy
 
 
