@@ -19,9 +19,9 @@ heuristic; `python -m pallas_kernels.autotune` makes the cache); ragged_dot_mgpu
 config is picked by a short sweep first, timed one after another.
 Inputs are random normal bf16 (never zeros), group sizes random (shapes.py).
 
-    PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--no-torch]
+    PYTHONPATH=. python benchmarks/grouped_gemm.py [--quick] [--no-torch] [--fp8]
 
-Writes benchmarks/results/grouped_gemm.json (format in DESIGN.md) and prints a table.
+Writes benchmarks/results/grouped_gemm.json (format in docs/performance.md) and prints a table.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES, flops, random_group_sizes  # noqa: E402
 from timing import interleaved_ms, time_ms  # noqa: E402
 
+from pallas_kernels import config as config_lib  # noqa: E402
+from pallas_kernels import quantize  # noqa: E402
+from pallas_kernels.gmm_fp8_mgpu import gmm_fp8_mgpu  # noqa: E402
 from pallas_kernels.gmm_mgpu import gmm_mgpu  # noqa: E402
 from pallas_kernels.tgmm_mgpu import tgmm_mgpu  # noqa: E402
 
@@ -68,6 +71,46 @@ def jaxmoe_entries(x, w, gs, dy):
           _entry("dgrad", "jaxmoe", dgrad, (dy, w, gs), 1),
           _entry("wgrad", "jaxmoe", wgrad, (x, dy, gs), 1),
           _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
+
+
+def _fp8_ws_config(m: int) -> config_lib.Fp8GmmConfig:
+  """The warp-specialised FP8 config (two consumer warpgroups) with the deepest
+  pipeline that fits, as `config.fp8_gmm_config` picks the one-warpgroup one."""
+  block_m = 128 if m >= 128 * 8 else 64
+  for steps in (5, 4, 3, 2):
+    try:
+      cfg = config_lib.Fp8GmmConfig(block_m, 128, steps, num_compute_wgs=2)
+    except ValueError:  # does not fit in shared memory
+      continue
+    if cfg.smem_bytes(1, 2) <= config_lib.SMEM_BYTES - 4096:
+      return cfg
+  return config_lib.Fp8GmmConfig(block_m, 64, 2, num_compute_wgs=2)
+
+
+def fp8_entries(x, w, gs, dy):
+  """FP8 entries (blockwise recipe, `quantize.py`): our FP8 kernel on operands
+  quantised beforehand (fwd, dgrad) with its default and its warp-specialised config,
+  fwd with x's quantisation included ("fwd+quant"), and XLA's dense e4m3 dot."""
+  xq, dyq, wq = quantize.quantize_rows(x), quantize.quantize_rows(dy), quantize.quantize_blocks(w)
+  w_dgrad_scales = jnp.swapaxes(wq.scales, 1, 2)
+  ws = _fp8_ws_config(x.shape[0])
+  fwd = lambda cfg: jax.jit(lambda v, s, wv, wsc, gs: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))  # noqa: E731
+
+  @jax.jit
+  def fwd_quant(x, wv, wsc, gs):
+    q = quantize.quantize_rows(x)
+    return gmm_fp8_mgpu(q.values, q.scales, wv, wsc, gs)
+
+  x8, w8 = x.astype(jnp.float8_e4m3fn), w[0].astype(jnp.float8_e4m3fn)
+  dense_fp8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
+  fwd_args = (xq.values, xq.scales, wq.values_t, wq.scales, gs)
+  dgrad_args = (dyq.values, dyq.scales, wq.values, w_dgrad_scales, gs)
+  return [_entry("fwd", "jaxmoe_fp8", fwd(None), fwd_args, 1),
+          _entry("dgrad", "jaxmoe_fp8", fwd(None), dgrad_args, 1),
+          _entry("fwd", "jaxmoe_fp8_ws", fwd(ws), fwd_args, 1, ws),
+          _entry("dgrad", "jaxmoe_fp8_ws", fwd(ws), dgrad_args, 1, ws),
+          _entry("fwd+quant", "jaxmoe_fp8", fwd_quant, (x, wq.values_t, wq.scales, gs), 1),
+          _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
 
 
 def _entry(pass_, impl, fn, args, passes, config=None):
@@ -151,13 +194,13 @@ def print_table(records) -> None:
   torch_dense), each pair timed in the same rounds of its own process."""
   by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
   impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm",
-           "torch_dense")
+           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "dense_fp8_xla")
   print("\nTFLOP/s (ratio jaxmoe/dense; vs torch normalised by each process's dense)")
   print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
         + "  vs dense  vs torch")
   shapes = sorted({k[:4] for k in by}, key=lambda s: (s[3], s))
   for s in shapes:
-    for p in ("fwd", "dgrad", "wgrad", "fwd+bwd"):
+    for p in ("fwd", "dgrad", "wgrad", "fwd+bwd", "fwd+quant"):
       row = [by.get((*s, p, i)) for i in impls]
       if all(v is None for v in row):
         continue
@@ -174,6 +217,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="first two shapes only")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--anchors", choices=("all", "dense", "none"), default="all")
+  parser.add_argument("--fp8", action="store_true", help="add the FP8 rows (fp8_entries)")
   parser.add_argument("--log", default=None)
   parser.add_argument("--out", default=RESULTS, help="where the JSON goes")
   args = parser.parse_args()
@@ -194,6 +238,8 @@ def main() -> None:
     entries = jaxmoe_entries(x, w, gs, dy)
     if args.anchors != "none":
       entries += anchor_entries(x, w, gs, dy, m, k, n, g, log, args.anchors == "dense")
+    if args.fp8:
+      entries += fp8_entries(x, w, gs, dy)
     recs = time_entries(entries, m, k, n)
     for r in recs:
       r = {"M": m, "K": k, "N": n, "G": g, "pass": r.pop("pass_"), **r}

@@ -46,7 +46,7 @@ SHAPES = {
     # the bf16 weights and their gradients alone (60 GB) would not leave room.
     "link_bound": Shape(hidden=7168, ffn=2048, experts=64, top_k=8, tokens=4096, layers=4),
     # A wide model: H above the ~11,500 FLOPs per byte at which an H100 hides a copy, so
-    # by the rule (README "When offload pays") activation_input's copy hides under FC2.
+    # by the rule (docs/offload.md, "When offload pays") activation_input's copy hides under FC2.
     "wide_hidden": Shape(hidden=16384, ffn=4096, experts=8, top_k=2, tokens=4096, layers=4),
 }
 SMALL = Shape(hidden=64, ffn=128, experts=4, top_k=2, tokens=64, layers=2)

@@ -203,7 +203,7 @@ class _Packing:
   Packed, a layer's copy to host is one transfer that starts with the loop iteration,
   and the next layer's residuals are written into the carried buffer at its end.
   Carried separately, XLA finished the copy of fc1_input before the gather that
-  writes its successor and ran the two copies one after the other: 301 ms a step
+  writes its successor and ran the two copies one after the other: 303.5 ms a step
   against 270 ms packed at benchmarks/offload.py's compute-bound shape on an H100
   (BENCHMARKS.md "Pipelined layer scan"). Unpacking costs a copy of the layer's
   residuals on device in backward.

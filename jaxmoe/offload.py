@@ -19,6 +19,10 @@ DEFAULT_OFFLOAD_NAMES: tuple[str, ...] = (FC1_INPUT, ACTIVATION_INPUT)
 # fewer bytes over the host link for the same device memory saved.
 MOE_INPUT = "moe_input"
 PLACEABLE_NAMES: tuple[str, ...] = RESIDUAL_NAMES + (MOE_INPUT,)
+# Tagged by the FP8 expert MLP (`jaxmoe/fp8_mlp.py`): the quantised weights' values and
+# scales that its backward reads. Not placeable: like the weights, always kept on
+# device, so that the weights are quantised once per step, not again in backward.
+FP8_WEIGHTS = "fp8_weights"
 OFFLOAD_UNPERMUTED = dict(offload_names=(MOE_INPUT, ACTIVATION_INPUT),
                           recompute_names=(FC1_INPUT,))
 
@@ -42,7 +46,8 @@ def offload_policy(offload_names: str | Iterable[str] = DEFAULT_OFFLOAD_NAMES,
 
   Names in `offload_names` are saved in pinned host memory, names in
   `recompute_names` are recomputed in the backward pass, and the other names
-  of `PLACEABLE_NAMES` stay on device. Everything untagged is recomputed.
+  of `PLACEABLE_NAMES` stay on device, as does `FP8_WEIGHTS`. Everything untagged
+  is recomputed.
   `RESIDUAL_NAMES` are the expert MLP's; `MOE_INPUT` exists inside `MoELayer`
   (see `OFFLOAD_UNPERMUTED`).
 
@@ -62,7 +67,7 @@ def offload_policy(offload_names: str | Iterable[str] = DEFAULT_OFFLOAD_NAMES,
     deferred.update(offload)
     kept, offload = kept + list(offload), ()
   return jax.checkpoint_policies.save_and_offload_only_these_names(
-      names_which_can_be_saved=kept,
+      names_which_can_be_saved=kept + [FP8_WEIGHTS],
       names_which_can_be_offloaded=list(offload),
       offload_src="device",
       offload_dst="pinned_host",
@@ -111,7 +116,7 @@ def cover_flops_per_byte(offload_names: str | Iterable[str], hidden_size: int,
 
   Offloading cost no step time on an H100 when this exceeded its matmul rate over
   the host link (~600 TFLOP/s / 52 GB/s ~ 11,500), and cost step time in every case
-  below (README "When offload pays"; see `copies_hide`).
+  below (docs/offload.md, "When offload pays"; see `copies_hide`).
 
   Returns:
     FLOPs per byte, or None when nothing is offloaded.

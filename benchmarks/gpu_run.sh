@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU cycle, a section or two per device call (a device call runs 600 s at most):
-#   bash benchmarks/gpu_session.sh [SECTION ...]
-#   sections: kernel_tests tests demo mlp gemm offload counters
-# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_session_out.
+# GPU tests and benchmarks, a section or two per device call (a device call runs 600 s at most):
+#   bash benchmarks/gpu_run.sh [SECTION ...]
+#   sections: kernel_tests tests demo mlp gemm offload counters autotune
+# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_run_out.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-out=${OUT:-gpu_session_out}; mkdir -p "$out"
+out=${OUT:-gpu_run_out}; mkdir -p "$out"
 sections=${*:-kernel_tests tests demo mlp offload}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__)"
@@ -16,9 +16,8 @@ run() {  # run NAME SECONDS COMMAND...: one section under a time limit, logged
   tail -n 12 "$out/$name.log"
 }
 for s in $sections; do case $s in
-  # All GPU tests took ~570 s in session 11, before the split_rows cases: in two parts
-  # (session 13: kernel_tests 251 s; the rest did not finish in 390 s, ~360 s by subtraction;
-  # session 14: the layer-scan GPU test alone 96 s; session 15: kernel_tests 260 s, tests 290 s).
+  # All GPU tests together take longer than one device call: the kernels' file (~315 s on an
+  # H100) and the rest (~400-440 s) are two sections.
   kernel_tests) run gpu_kernel_tests 590 python -m pytest -m gpu tests/test_mgpu_kernels_gpu.py \
     -q -x -p no:cacheprovider -rfE --durations=10 ;;
   tests) run gpu_tests 590 python -m pytest -m gpu tests -q -x -p no:cacheprovider -rfE \
@@ -29,14 +28,19 @@ for s in $sections; do case $s in
     run demo_offload_nnx_scan 150 python -m jaxmoe.demo --preset gpu --steps 30 --nnx-scan
     run demo_moe_input 150 python -m jaxmoe.demo --preset gpu --steps 30 \
       --offload-names moe_input --recompute-names fc1_input ;;
-  mlp) run grouped_mlp 330 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;  # 282 s (session 14)
+  mlp) run grouped_mlp 330 python benchmarks/grouped_mlp.py --out "$out/grouped_mlp.json" ;;  # ~250 s
   counters) run hw_counters 300 python benchmarks/hw_counters.py --shapes 0,2,3,4,5 \
     --out "$out/hw_counters.json" ;;  # Nsight Compute counters (needs ncu)
-  gemm) run grouped_gemm 560 python benchmarks/grouped_gemm.py --sweep --out "$out/grouped_gemm.json" ;;
+  gemm) run grouped_gemm 560 python benchmarks/grouped_gemm.py --out "$out/grouped_gemm.json" \
+    --log "$out/gemm.log" ;;  # ~330 s
   offload)
-    # nnx.scan against jaxmoe.layer_scan (BENCHMARKS.md), ~6 minutes.
+    # nnx.scan against jaxmoe.layer_scan (BENCHMARKS.md "Pipelined layer scan"), ~6 minutes.
     run offload 420 python benchmarks/offload.py --steps 5 --both-scans --out "$out/offload.json" \
       --shape compute_bound --shape link_bound --placement device --placement offload_default \
       --placement offload_unpermuted ;;
+  autotune)
+    # Block configs for this card; copy the cache into pallas_kernels/tuned_configs/ to ship it.
+    run autotune 590 python -m pallas_kernels.autotune --budget-s 480 --skip-cached \
+      --out "$out/tuned_configs.json" --report "$out/autotune_report.json" ;;
   *) echo "unknown section $s" ;;
 esac; done
