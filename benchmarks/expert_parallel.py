@@ -1,22 +1,31 @@
-"""Expert parallelism benchmark: MoELayer training step on 1 device vs N devices.
+"""Expert parallelism benchmark: weak scaling of a MoELayer training step over X devices.
 
-The same global batch (tokens) and the same layer run (a) on one device without a
-mesh and (b) on N devices with `mesh = (expert=N)`: the experts split N ways, the
-tokens split N ways, rows exchanged with the "ragged" and the "padded" collective.
+Same tokens per device for X = 1, 2, 4, 8 (`mesh = (expert=X)`, experts and tokens
+split X ways; X = 1 is the layer without a mesh), at a Mixtral-like and a
+DeepSeek-like layer, with the capacity factor swept (receive buffers of
+capacity_factor x tokens*top_k rows per device; see jaxmoe/expert_parallel.py).
 A step is `jax.value_and_grad` of a nonlinear loss over all parameters and the
-input (the default offload policy on), timed with back-to-back calls (timing.py).
+input, timed with back-to-back calls (timing.py). "capacity_factor = X" is the old
+worst-case sizing (one round of X*t*k rows), the reference the bounded buffers beat.
 
-Each configuration runs in its own subprocess, so that the peak memory reported by
-the allocator (`peak_bytes_in_use` per device) belongs to that configuration alone
-and a failure (out of memory, a collective the backend lacks) only costs its row.
-XLA's own figure per device (arguments + outputs + temporaries of the compiled
-step, from `memory_analysis()`) is reported beside it; it is the one available on CPU.
+Per device, each record carries XLA's compiled figures (`memory_analysis()`:
+arguments, outputs, temporaries; available on CPU too) and, on GPUs, the
+allocator's `peak_bytes_in_use`; and the step's `overflow_rows`.
 
-    PYTHONPATH=. python benchmarks/expert_parallel.py            # all GPUs (N >= 2)
-    PYTHONPATH=. python benchmarks/expert_parallel.py --small    # CPU, 2 forced devices
+`--share` instead measures, on one device, the per-device work of an X-way layer:
+the grouped MLP (fwd+bwd) on one device's El = E/X experts with the bounded
+buffer (X*C ~ capacity_factor*t*k rows) against the old worst-case one (X*t*k
+rows), the rows routed being t*k either way.
 
-Writes benchmarks/results/expert_parallel.json (with --small: expert_parallel_small.json
-in the temp folder, to keep CPU figures out of the results) and prints a table.
+Each configuration runs in its own subprocess (its own peak memory; a failure costs
+only its row).
+
+    PYTHONPATH=. python benchmarks/expert_parallel.py                 # the GPUs there are
+    PYTHONPATH=. python benchmarks/expert_parallel.py --share         # one GPU
+    PYTHONPATH=. python benchmarks/expert_parallel.py --small         # CPU, 8 forced devices
+
+Writes benchmarks/results/expert_parallel.json (with --small: a file in the temp
+folder, to keep CPU figures out of the results) and prints a table.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,38 +44,59 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-# Default: the (M = tokens * top_k = 16384, H 4096, F 1024, G 64) shape of
-# benchmarks/shapes.py as a layer: 2 GiB of f32 expert weights, so that splitting
-# the experts shows in memory, and a single-GPU baseline that fits an 80 GB H100
-# even if the grouped GEMMs fall back to XLA's ragged_dot.
-FULL = dict(tokens=8192, hidden=4096, ffn=1024, experts=64, top_k=2, steps=10)
-SMALL = dict(tokens=256, hidden=64, ffn=128, experts=8, top_k=2, steps=3)
+# Per device: `tokens` tokens (weak scaling). Mixtral-like: 8 large experts, top-2;
+# DeepSeek-like: 64 fine-grained experts, top-8 (the issue's 64-256).
+LAYERS = {
+    "mixtral": dict(tokens=4096, hidden=4096, ffn=14336, experts=8, top_k=2),
+    "deepseek": dict(tokens=4096, hidden=7168, ffn=2048, experts=64, top_k=8),
+    "small": dict(tokens=64, hidden=64, ffn=128, experts=8, top_k=2),
+}
+SMALL_DEVICES = 8
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true",
-                 help="tiny sizes on CPU with forced host devices (a smoke run)")
-  p.add_argument("--devices", type=int, default=None,
-                 help="N for the parallel runs (default: all GPUs; 2 with --small)")
-  for name in FULL:
-    p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-  p.add_argument("--collectives", default=None,
-                 help="comma-separated collectives for the N-device runs (default: "
-                      "ragged,padded; padded with --small: XLA:CPU has no ragged)")
-  p.add_argument("--offload", choices=("default", "none"), default="default",
+                 help=f"the 'small' layer on CPU with {SMALL_DEVICES} forced host "
+                      "devices (a smoke run; compiled memory is still meaningful)")
+  p.add_argument("--layers", default=None,
+                 help=f"comma-separated, of {sorted(LAYERS)} (default: mixtral,deepseek; "
+                      "small with --small)")
+  p.add_argument("--devices", default="1,2,4,8",
+                 help="comma-separated expert-axis sizes X (those above the device "
+                      "count are skipped)")
+  p.add_argument("--capacity-factors", default="1.25,2.0,old",
+                 help="comma-separated; 'old' is capacity_factor = X (the worst-case "
+                      "buffers of before)")
+  p.add_argument("--chunks", default="1",
+                 help="comma-separated chunk counts (MoELayer(chunks=...)) for X > 1")
+  p.add_argument("--collectives", default="padded",
+                 help="comma-separated, of ragged,padded (XLA:CPU has no ragged)")
+  p.add_argument("--routing", choices=("random", "one_expert"), default="random",
+                 help="the router as initialised, or every token to expert 0 (the "
+                      "overflow path's worst case)")
+  p.add_argument("--offload", choices=("default", "none"), default="none",
                  help="residual placement: the default offload policy or all on device")
+  p.add_argument("--share", action="store_true",
+                 help="one device: the grouped MLP of one device's share of an X-way "
+                      "layer, bounded vs worst-case buffers")
+  p.add_argument("--steps", type=int, default=None, help="calls per timing")
   p.add_argument("--backend", default="auto", help="grouped GEMM backend")
   p.add_argument("--out", default=None, help="results JSON path")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one config
   args = p.parse_args(argv)
-  if args.collectives is None:
-    args.collectives = "padded" if args.small else "ragged,padded"
-  sizes = SMALL if args.small else FULL
-  for name, default in sizes.items():
-    if getattr(args, name) is None:
-      setattr(args, name, default)
+  if args.layers is None:
+    args.layers = "small" if args.small else "mixtral,deepseek"
+  if args.steps is None:
+    args.steps = 2 if args.small else 10
+  for name in args.layers.split(","):
+    if name not in LAYERS:
+      p.error(f"unknown layer {name!r}; expected one of {sorted(LAYERS)}")
   return args
+
+
+def capacity_for(factor: str, devices: int) -> float:
+  return float(devices) if factor == "old" else float(factor)
 
 
 def child_env(args) -> dict:
@@ -73,73 +104,134 @@ def child_env(args) -> dict:
   env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
   if args.small:
     env["JAX_PLATFORMS"] = "cpu"
-    n = args.devices or 2
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={n}").strip()
+                        f" --xla_force_host_platform_device_count={SMALL_DEVICES}").strip()
   return env
 
 
-def run_one(args, devices: int, collective: str) -> dict:
-  """In the child: build, compile and time one configuration; returns its record."""
+def memory_record(compiled, devices) -> dict:
+  """XLA's compiled figures and the allocator's peaks, per device, in bytes."""
+  analysis = compiled.memory_analysis()
+  record = {}
+  if analysis is not None:
+    record = dict(argument_bytes=int(analysis.argument_size_in_bytes),
+                  output_bytes=int(analysis.output_size_in_bytes),
+                  temp_bytes=int(analysis.temp_size_in_bytes),
+                  xla_bytes_per_device=int(
+                      analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes))
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+  record["peak_bytes_per_device"] = peaks
+  return record
+
+
+def run_layer(args, layer_name: str, devices: int, collective: str,
+              capacity_factor: float, chunks: int) -> dict:
+  """In the child: build, compile and time one weak-scaling configuration."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
 
   import jaxmoe
   sys.path.insert(0, HERE)
   from timing import time_ms
 
+  shape = LAYERS[layer_name]
   if jax.device_count() < devices:
     raise RuntimeError(f"need {devices} devices, have {jax.device_count()}")
-  mesh = None
+  mesh, ep = None, {}
   if devices > 1:
     mesh = jax.make_mesh((devices,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:devices])
+    ep = dict(mesh=mesh, data_axis=None, collective=collective,
+              capacity_factor=capacity_factor, chunks=chunks)
   offload = {} if args.offload == "default" else dict(offload_names=())
-  layer = jaxmoe.MoELayer(
-      args.hidden, args.ffn, args.experts, args.top_k, backend=args.backend,
-      mesh=mesh, data_axis=None, collective=collective if mesh else "auto",
-      rngs=nnx.Rngs(0), **offload)
+  layer = jaxmoe.MoELayer(shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"],
+                          backend=args.backend, rngs=nnx.Rngs(0), **ep, **offload)
+  if args.routing == "one_expert":
+    router = np.zeros((shape["hidden"], shape["experts"]), np.float32)
+    router[:, 0] = 1.0
+    layer.router_kernel.set_value(jax.device_put(
+        jnp.asarray(router), layer.router_kernel.get_value().sharding))
   graphdef, state = nnx.split(layer)
-  x = jax.random.normal(jax.random.key(1), (args.tokens, args.hidden), jnp.bfloat16)
+  tokens = shape["tokens"] * devices
+  x = jax.random.normal(jax.random.key(1), (tokens, shape["hidden"]), jnp.bfloat16)
+  if args.routing == "one_expert":
+    x = jnp.abs(x)
   if mesh is not None:
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))
 
   def loss(state, x):
     y, aux = nnx.merge(graphdef, state)(x)
     # Nonlinear in y: a linear loss would let XLA drop the forward (DESIGN.md).
-    return jnp.mean(y.astype(jnp.float32) ** 2) + 0.01 * aux["load_balancing_loss"]
+    value = jnp.mean(y.astype(jnp.float32) ** 2) + 0.01 * aux["load_balancing_loss"]
+    return value, aux.get("overflow_rows", jnp.zeros((), jnp.int32))
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
   compiled = step.lower(state, x).compile()
-  analysis = compiled.memory_analysis()
-  xla_bytes = None
-  if analysis is not None:
-    xla_bytes = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                    + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-  calls = max(1, args.steps)
-  ms = time_ms(compiled, state, x, calls=calls, repeats=3)
-  peaks = []
-  for d in jax.devices()[:devices]:
-    stats = d.memory_stats() or {}
-    peaks.append(stats.get("peak_bytes_in_use"))
-  return dict(devices=devices, mesh=f"expert={devices}" if mesh else "none",
-              collective=collective if mesh else "none", tokens=args.tokens,
-              H=args.hidden, F=args.ffn, E=args.experts, top_k=args.top_k,
+  (_, overflow), _ = compiled(state, x)
+  ms = time_ms(compiled, state, x, calls=max(1, args.steps), repeats=3)
+  return dict(kind="layer", layer=layer_name, devices=devices,
+              collective=collective if mesh else "none",
+              capacity_factor=capacity_factor if mesh else None,
+              chunks=chunks if mesh else None,
+              tokens_per_device=shape["tokens"], H=shape["hidden"], F=shape["ffn"],
+              E=shape["experts"], top_k=shape["top_k"], routing=args.routing,
               offload=args.offload, backend=args.backend, step_ms=round(ms, 3),
-              tokens_per_s=round(args.tokens / ms * 1e3, 1),
-              peak_bytes_per_device=peaks, xla_bytes_per_device=xla_bytes,
+              tokens_per_s=round(tokens / ms * 1e3, 1), overflow_rows=int(overflow),
+              **memory_record(compiled, jax.devices()[:devices]),
               card=jax.devices()[0].device_kind, jax=jax.__version__)
 
 
-def spawn(args, devices: int, collective: str, log) -> dict:
-  """Runs one configuration in a subprocess; a failure becomes a record with "error"."""
+def run_share(args, layer_name: str, devices: int, capacity_factor: float) -> dict:
+  """In the child, one device: fwd+bwd of the grouped MLP on one device's share of
+  an X-way layer, M = X*C rows (C = jaxmoe.expert_parallel.pair_capacity), t*k of
+  them routed (balanced over the El local experts), the rest padding."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import jaxmoe
+  from jaxmoe import expert_parallel
+  sys.path.insert(0, HERE)
+  from timing import time_ms
+
+  shape = LAYERS[layer_name]
+  local = max(1, shape["experts"] // devices)
+  routed = shape["tokens"] * shape["top_k"]
+  rows = devices * expert_parallel.pair_capacity(routed, devices, capacity_factor)
+  mlp = jaxmoe.GroupedMLP(local, shape["hidden"], shape["ffn"], backend=args.backend,
+                          offload_names=() if args.offload == "none" else
+                          jaxmoe.offload.DEFAULT_OFFLOAD_NAMES, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(mlp)
+  sizes = jnp.full((local,), routed // local, jnp.int32)
+  x = jax.random.normal(jax.random.key(1), (rows, shape["hidden"]), jnp.bfloat16)
+  scales = jnp.ones((rows,), jnp.float32)
+
+  def loss(state, x):
+    y = nnx.merge(graphdef, state)(x, sizes, scales)
+    return jnp.mean(y.astype(jnp.float32) ** 2)
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(state, x).compile()
+  ms = time_ms(compiled, state, x, calls=max(1, args.steps), repeats=3)
+  return dict(kind="share", layer=layer_name, devices=devices,
+              capacity_factor=capacity_factor, rows=rows, routed_rows=routed,
+              local_experts=local, H=shape["hidden"], F=shape["ffn"],
+              offload=args.offload, backend=args.backend, step_ms=round(ms, 3),
+              **memory_record(compiled, jax.devices()[:1]),
+              card=jax.devices()[0].device_kind, jax=jax.__version__)
+
+
+def spawn(args, one: str, log) -> dict:
+  """Runs one configuration ("kind:layer:devices:collective:factor:chunks") in a
+  subprocess;
+  a failure becomes a record with "error"."""
   argv = [a for a in sys.argv[1:]]
-  cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one",
-         f"{devices}:{collective}"]
+  cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", one]
   if args.small and "--small" not in argv:
     cmd.append("--small")
-  log(f"  running devices={devices} collective={collective} ...")
+  log(f"  running {one} ...")
   proc = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True,
                         cwd=REPO)
   for line in proc.stdout.splitlines():
@@ -147,37 +239,71 @@ def spawn(args, devices: int, collective: str, log) -> dict:
       return json.loads(line[len("RECORD "):])
   tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
   log(f"  failed (rc={proc.returncode}):\n{tail}")
-  return dict(devices=devices, collective=collective, error=tail[-600:])
+  kind, layer, devices, collective, factor, chunks = one.split(":")
+  return dict(kind=kind, layer=layer, devices=int(devices), collective=collective,
+              capacity_factor=float(factor), chunks=int(chunks), error=tail[-600:])
 
 
-def gib(x) -> str:
-  return "-" if x is None else f"{x / 2**30:.2f}"
+def configurations(args, available: int) -> list[str]:
+  """The child configurations to run, in table order."""
+  sizes = [int(n) for n in args.devices.split(",")]
+  factors = args.capacity_factors.split(",")
+  out = []
+  for layer in args.layers.split(","):
+    for devices in sizes:
+      if args.share:
+        out += [f"share:{layer}:{devices}:none:{capacity_for(f, devices)}:1"
+                for f in factors]
+      elif devices == 1:
+        out.append(f"layer:{layer}:1:none:1.0:1")
+      elif devices <= available:
+        out += [f"layer:{layer}:{devices}:{c}:{capacity_for(f, devices)}:{n}"
+                for c in args.collectives.split(",") for f in factors
+                for n in args.chunks.split(",")]
+  return out
+
+
+def mib(x) -> str:
+  return "-" if x is None else f"{x / 2**20:.1f}"
 
 
 def table(records) -> str:
-  base = next((r for r in records if r.get("devices") == 1 and "error" not in r), None)
-  head = ("| devices | collective | step ms | tokens/s | vs 1 device | peak GiB/device "
-          "(max) | XLA GiB/device |")
-  lines = [head, "|---|---|---|---|---|---|---|"]
+  """Markdown; memory and speed as ratios to X = 1 (layer) or to 'old' (share)."""
+  head = ("| layer | X | collective | capacity factor | chunks | step ms | tokens/s per device "
+          "× X=1 | overflow rows (share: MLP rows) | XLA temp MiB/device | × X=1 | peak MiB/device (max) |")
+  lines = [head, "|" + "---|" * 11]
+  base = {r["layer"]: r for r in records if r.get("devices") == 1 and "error" not in r
+          and r.get("kind") == "layer"}
   for r in records:
     if "error" in r:
-      lines.append(f"| {r['devices']} | {r['collective']} | failed | | | | |")
+      lines.append(f"| {r['layer']} | {r['devices']} | {r['collective']} | "
+                   f"{r['capacity_factor']} | {r.get('chunks')} | failed | | | | | |")
       continue
-    peaks = [p for p in r["peak_bytes_per_device"] if p is not None]
-    speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+    b = base.get(r["layer"])
+    peaks = [p for p in r.get("peak_bytes_per_device", []) if p is not None]
+    per_device = (r["tokens_per_s"] / r["devices"]) if r["kind"] == "layer" else None
+    speed = (f"{per_device / b['tokens_per_s']:.2f}" if b and per_device else "-")
+    temp = r.get("temp_bytes")
+    mem = f"{temp / b['temp_bytes']:.2f}" if b and temp and b.get("temp_bytes") else "-"
     lines.append(
-        f"| {r['devices']} | {r['collective']} | {r['step_ms']:.2f} | "
-        f"{r['tokens_per_s']:.0f} | {speed} | {gib(max(peaks) if peaks else None)} | "
-        f"{gib(r['xla_bytes_per_device'])} |")
+        f"| {r['layer']} | {r['devices']} | {r.get('collective', '-')} | "
+        f"{r.get('capacity_factor') or '-'} | {r.get('chunks') or '-'} | "
+        f"{r['step_ms']:.2f} | {speed} | "
+        f"{r.get('overflow_rows', r.get('rows', '-'))} | {mib(temp)} | {mem} | "
+        f"{mib(max(peaks) if peaks else None)} |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   args = parse_args(argv)
   if args.one:
-    devices, collective = args.one.split(":")
+    kind, layer, devices, collective, factor, chunks = args.one.split(":")
     try:
-      record = run_one(args, int(devices), collective)
+      if kind == "share":
+        record = run_share(args, layer, int(devices), float(factor))
+      else:
+        record = run_layer(args, layer, int(devices), collective, float(factor),
+                           int(chunks))
     except Exception:  # noqa: BLE001 -- reported by the parent
       traceback.print_exc()
       sys.exit(1)
@@ -185,21 +311,15 @@ def main(argv=None):
     return
 
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-  n = args.devices
-  if n is None:
-    if args.small:
-      n = 2
-    else:
-      import jax  # Only to count GPUs; the runs are in subprocesses.
-      n = len([d for d in jax.devices() if d.platform == "gpu"])
-  if n < 2:
-    sys.exit(f"expert parallelism needs at least 2 devices, found {n} "
-             "(use --small for a CPU run with forced host devices)")
-  log(f"tokens={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} "
-      f"top_k={args.top_k} offload={args.offload}; 1 device vs {n}")
-  records = [spawn(args, 1, "none", log)]
-  for collective in args.collectives.split(","):
-    records.append(spawn(args, n, collective.strip(), log))
+  if args.small:
+    available = SMALL_DEVICES
+  else:
+    import jax  # Only to count devices; the runs are in subprocesses.
+    available = len(jax.devices())
+  log(f"layers={args.layers} devices={args.devices} (have {available}) "
+      f"capacity factors={args.capacity_factors} routing={args.routing} "
+      f"offload={args.offload}{' share' if args.share else ''}")
+  records = [spawn(args, one, log) for one in configurations(args, available)]
   ok = next((r for r in records if "error" not in r), {})
   out = args.out or (os.path.join(tempfile.gettempdir(), "expert_parallel_small.json")
                      if args.small else os.path.join(RESULTS, "expert_parallel.json"))

@@ -21,23 +21,63 @@ One exchange, two transports (`collective`):
   ragged-all-to-all made the training step 7.7x slower than the padded exchange
   (56.5 vs 7.4 ms), so GPUs get "padded" until that changes.
 
-Dropless buffer sizing: a device holds R = t*k rows. In the worst case all of them
-go to one peer (so a send slot has C = R rows) and all X peers send all their rows to
-one device (so a receive buffer has X*R rows). Static shapes must cover that case:
+Bounded buffers, still dropless. A device holds R = t*k sorted rows. Counts go
+first: an all_gather of every device's [E] row counts (X*E int32) tells each device
+how many rows it sends to and receives from each peer. Rows then move in rounds of
+at most C = ceil(capacity_factor * R / X) rows per (source, owner) pair (row j of a
+pair's block goes in round j // C), so a receive buffer -- the grouped MLP's M -- is
+X*C ~ capacity_factor * R rows whatever X is:
 
 | buffer (per device) | ragged | padded |
 |---|---|---|
-| send | R x H (the sorted rows themselves) | X*R x H |
-| receive (= grouped MLP input, its rows M) | X*R x H | X*R x H |
-| bytes on the wire per exchange | routed rows only | X*R x H |
+| send | R x H (the sorted rows themselves) | X*C x H |
+| receive (= grouped MLP input, its rows M) | X*C x H | X*C x H |
+| bytes on the wire per round | routed rows only | X*C x H |
 
-So the expert MLP's activations (h and a, [M, F]) and its offloaded residuals are X
-times the size of a perfectly balanced layer's; rows past the received ones are
-padding (grouped_mlp gives them zeros). This is the price of being dropless with
-static shapes; a capacity factor would cap M at the cost of dropping tokens.
+Round 0 is the normal path (its residuals placed by the layer's offload policy).
+Rows past a pair's first C take the overflow path: rounds 1 .. ceil(R/C)-1 in a
+`lax.scan`, each the same exchange, grouped MLP and exchange back on the next C rows
+of every pair, skipped (`lax.cond`) when no pair of the mesh has rows left, and
+rematerialised in the backward pass, so they keep no residuals: memory stays that of
+one round. All tokens to one expert is the worst case: ceil(X/capacity_factor)
+rounds, run one after another. With `drop_overflow=True` only round 0 runs and the
+rows past C are dropped (their outputs are zeros), Switch-style. aux counts them:
+"overflow_rows" (rows computed in rounds >= 1) and "dropped_rows".
 
-Receive layout: the block from source s starts at row s*C, sorted by expert (the
-sender's order); a local stable sort by (local expert, source) gives the grouped
+Memory, as XLA compiles it (CPU, tests/test_expert_parallel.py): a step's
+temporaries per device stay within 1.3x from X=2 to X=8 at a fixed capacity factor
+and fixed tokens and experts per device, and grow with the factor; the old
+worst-case sizing (capacity_factor = X, one round) is 3.4x larger at X=8. When
+overflow rounds run, round 0's residuals and one overflow round's recomputation are
+live together in the backward pass, and each overflow round repeats its exchanges
+there (remat): rows past C cost time, not memory.
+
+Why the ragged transport was slow on GPUs (read from the lowering and XLA's issue
+tracker, not yet measured here): a training step issues one ragged-all-to-all per
+exchanged tensor and direction -- rows, scales, results, and their transposes, 7 per
+round (15 with one overflow round, whose remat repeats the forward ones) -- each
+with its own [X*C] zeros output buffer. XLA:GPU's ragged-all-to-all has a one-shot
+peer-pointer kernel only for replica groups of <= 8 devices; otherwise (and where
+that kernel is not selected) it copies the offsets to the host, waits for the
+stream (`BlockHostUntilDone`) and issues a send/recv pair per peer, including peers
+with nothing to send (openxla/xla#46982; marin-community/marin#7891 reads this from
+the thunk). A fixed cost per call, paid 7+ times a step and serialising the
+stream, is the likely cause of 56 ms against 7 ms (the padded exchange sends more
+bytes); a profile on the GPUs should confirm it. What our code
+controls: the number of calls (the scales, [R] f32, take a call of their own; they
+could ride in the rows' payload, or not travel: y is linear in p, so the source
+could scale after the combine) and which flags the benchmark sets
+(`--xla_gpu_experimental_ragged_all_to_all_use_device_kernel` needs symmetric
+buffers, `--xla_gpu_ragged_all_to_all_mode`); to measure on the GPUs.
+
+Chunks (`chunks`, default 1): each device's tokens split into independent pieces,
+each with its own exchange rounds (C computed from its t*k/chunks rows), so that
+XLA's scheduler may run the exchange of chunk i+1 under the GEMMs of chunk i. Not
+yet shown: that XLA:GPU does overlap them (async collective start/done around the
+GEMMs in the compiled schedule needs a GPU compile), nor a default from measurement.
+
+Receive layout of a round: the block from source s starts at row s*C, sorted by
+expert (the sender's order); a local stable sort by (local expert, source) gives the grouped
 MLP its rows, and its inverse puts the results back before the return exchange,
 which is the dispatch run backwards.
 
@@ -52,16 +92,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmoe import offload
 from jaxmoe import permutation
 from jaxmoe import routing
 
 Collective = Literal["auto", "ragged", "padded"]
 COLLECTIVES: tuple[str, ...] = ("auto", "ragged", "padded")
+
+# Chosen by reasoning, not yet measured on GPUs: with balanced routing a pair's rows
+# are Binomial(R, 1/X), R/X +- sqrt(R/X) (4096 +- 64 at 4096 tokens, top-8, X=8), so
+# 1.25 leaves routers that balance experts to within 25% on round 0 alone, and it
+# keeps the grouped MLP at <= 1.3x the rows of one device (the issue's target);
+# heavier skew is still exact, through the overflow rounds.
+DEFAULT_CAPACITY_FACTOR = 1.25
 
 # Looked up at call time so tests can swap in `ragged_all_to_all_reference` on CPU.
 ragged_all_to_all = jax.lax.ragged_all_to_all
@@ -121,9 +172,29 @@ def _place(var, mesh, spec: tuple) -> None:
   var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, P(*spec))))
 
 
+def check_buffers(capacity_factor, drop_overflow, chunks) -> None:
+  """Raises ValueError unless capacity_factor is a positive finite number,
+  drop_overflow a bool and chunks a positive int."""
+  if (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+      or not math.isfinite(capacity_factor) or capacity_factor <= 0):
+    raise ValueError(
+        f"Expected a positive finite number for 'capacity_factor', got {capacity_factor!r}.")
+  if not isinstance(drop_overflow, bool):
+    raise ValueError(f"Expected a bool for 'drop_overflow', got {drop_overflow!r}.")
+  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+    raise ValueError(f"Expected a positive int for 'chunks', got {chunks!r}.")
+
+
+def pair_capacity(num_rows: int, num_peers: int, capacity_factor: float) -> int:
+  """C = ceil(capacity_factor * R / X), in [1, R]: rows per (source, owner) pair and
+  round; a device's receive buffer (the grouped MLP's M) is X*C rows."""
+  return max(1, min(num_rows, math.ceil(capacity_factor * num_rows / num_peers)))
+
+
 class _Plan(NamedTuple):
   """Who sends what to whom, on one device of the expert axis (all int32).
 
+  For the whole blocks (`_plan`) or one round's window of them (`_window`).
   send_sizes [X]: rows this device sends to each peer; input_offsets [X]: where
   they start in its sorted rows. recv_sizes [X]: rows each peer sends here;
   return_offsets [X]: where this device's results go in each peer's sorted rows.
@@ -137,7 +208,8 @@ class _Plan(NamedTuple):
 
 
 def _plan(counts: jax.Array, expert_axis: str) -> _Plan:
-  """counts [E]: this device's rows per expert -> the exchange plan."""
+  """counts [E]: this device's rows per expert -> the exchange plan (counts first:
+  an all_gather of X*E int32 before any row moves)."""
   num_peers = jax.lax.axis_size(expert_axis)
   me = jax.lax.axis_index(expert_axis)
   # matrix[s, e]: rows device s of this expert-axis row sends to expert e.
@@ -151,6 +223,19 @@ def _plan(counts: jax.Array, expert_axis: str) -> _Plan:
       recv_sizes=sent[:, me],
       return_offsets=exclusive[:, me],
       local_counts=per_peer[:, me, :],
+  )
+
+
+def _window(plan: _Plan, start: jax.Array, capacity: int) -> _Plan:
+  """One round: rows [start, start + C) of every pair's block (int32 start)."""
+  window = lambda sizes: jnp.clip(sizes - start, 0, capacity)
+  ends = window(jnp.cumsum(plan.local_counts, axis=1))  # [X, El], inside the window
+  return _Plan(
+      send_sizes=window(plan.send_sizes),
+      input_offsets=plan.input_offsets + start,
+      recv_sizes=window(plan.recv_sizes),
+      return_offsets=plan.return_offsets + start,
+      local_counts=jnp.diff(ends, axis=1, prepend=0),
   )
 
 
@@ -174,7 +259,8 @@ def _dispatch(rows: jax.Array, plan: _Plan, capacity: int, expert_axis: str,
 
 def _combine(out: jax.Array, plan: _Plan, num_rows: int, capacity: int,
              expert_axis: str, collective: str) -> jax.Array:
-  """The dispatch backwards: out [X*C, ...] in receive layout -> [R, ...] sorted rows."""
+  """The dispatch backwards: out [X*C, ...] in receive layout -> [R, ...] sorted rows,
+  zeros where a row is not in this round's window."""
   num_peers = jax.lax.axis_size(expert_axis)
   if collective == "ragged":
     back = _zeros_like_varying(out, (num_rows,) + out.shape[1:])
@@ -185,11 +271,17 @@ def _combine(out: jax.Array, plan: _Plan, num_rows: int, capacity: int,
   blocks = out.reshape((num_peers, capacity) + out.shape[1:])
   back = jax.lax.all_to_all(blocks, expert_axis, 0, 0, tiled=True)  # [X, C, ...]
   back = back.reshape((num_peers * capacity,) + out.shape[1:])
-  # Sorted row r went to the peer whose block [offset, offset + size) holds it.
+  # Windows lie in owner order, so sorted row r is in the first one ending past it,
+  # if it starts at or before r.
   r = jnp.arange(num_rows, dtype=jnp.int32)
   ends = plan.input_offsets + plan.send_sizes
   owner = jnp.searchsorted(ends, r, side="right").astype(jnp.int32)
-  return back[owner * capacity + r - plan.input_offsets[owner]]
+  owner = jnp.minimum(owner, num_peers - 1)
+  local = r - plan.input_offsets[owner]
+  valid = (local >= 0) & (local < plan.send_sizes[owner])
+  picked = back[owner * capacity + jnp.clip(local, 0, capacity - 1)]
+  mask = valid.reshape((-1,) + (1,) * (out.ndim - 1))
+  return jnp.where(mask, picked, jnp.zeros_like(picked))
 
 
 def _zeros_like_varying(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -223,6 +315,17 @@ def _local_order(plan: _Plan, capacity: int) -> tuple[jax.Array, jax.Array]:
 
 # (x [M, H], weights {"w1", "w2", "b1", "b2"}, group_sizes [El], scales [M]) -> [M, H]
 ExpertFn = Callable[..., jax.Array]
+# A function -> the same function under a `jax.checkpoint` policy (or unchanged).
+Wrapper = Callable[[Callable], Callable]
+
+
+def _identity(fn):
+  return fn
+
+
+def nothing_saved(fn):
+  """`fn` rematerialised whole in the backward pass: the overflow rounds' wrapper."""
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 class Config(NamedTuple):
@@ -235,26 +338,39 @@ class Config(NamedTuple):
   router: str
   dtype: object
   collective: str
+  capacity_factor: float = DEFAULT_CAPACITY_FACTOR
+  drop_overflow: bool = False
+  chunks: int = 1
+
+
+AUX_KEYS = ("load_balancing_loss", "router_z_loss", "tokens_per_expert",
+            "overflow_rows", "dropped_rows")
 
 
 def moe_forward(config: Config, tokens: jax.Array, router_kernel: jax.Array,
-                weights: dict[str, jax.Array | None], expert_fn: ExpertFn
+                weights: dict[str, jax.Array | None], mlp: ExpertFn, *,
+                checkpoint: Wrapper = _identity, remat: Wrapper = nothing_saved
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MoE layer on `config.mesh`: tokens [T, H] -> (y [T, H], aux).
 
   Args:
-    config: the mesh, its axes, the routing settings and the resolved collective.
+    config: the mesh, its axes, the routing and buffer settings, the resolved
+      collective.
     tokens: [T, H]; T must be divisible by the number of devices on the data and
       expert axes.
     router_kernel: [H, E], replicated.
     weights: {"w1": [E, H, F], "w2": [E, F, H], "b1": [E, F] or None, "b2": [E, H]
       or None}, split over the expert axis.
-    expert_fn: `(x [M, H], local weights, group_sizes [El], scales [M]) -> [M, H]`,
-      the grouped MLP (with its checkpoint policy), run on each device's experts.
+    mlp: `(x [M, H], local weights, group_sizes [El], scales [M]) -> [M, H]`, the
+      grouped MLP (not checkpointed), run on each device's experts.
+    checkpoint: wraps round 0 (the gather of the tokens, tagged "moe_input", the
+      exchanges and the MLP): the layer's residual placement.
+    remat: wraps each overflow round; the default saves nothing.
 
   Returns:
-    y [T, H] in config.dtype, and aux with the single-device layer's values:
-    "load_balancing_loss", "router_z_loss", "tokens_per_expert" (global counts).
+    y [T, H] in config.dtype, and aux with the single-device layer's values,
+    "load_balancing_loss", "router_z_loss", "tokens_per_expert" (global counts),
+    and "overflow_rows" / "dropped_rows" (int32 scalars, global).
   """
   mesh, token_axes = config.mesh, _token_axes(config)
   num_shards = 1
@@ -264,6 +380,10 @@ def moe_forward(config: Config, tokens: jax.Array, router_kernel: jax.Array,
     raise ValueError(
         f"Expected the number of tokens divisible by the {num_shards} devices of the "
         f"mesh axes {token_axes}, got {tokens.shape[0]} tokens.")
+  if tokens.shape[0] % (num_shards * config.chunks):
+    raise ValueError(
+        f"Expected each device's {tokens.shape[0] // num_shards} tokens divisible by "
+        f"chunks={config.chunks}.")
   token_spec = P(token_axes, None)
   present = {k: v for k, v in weights.items() if v is not None}
   expert_specs = {k: P(config.expert_axis) for k in present}
@@ -277,16 +397,22 @@ def moe_forward(config: Config, tokens: jax.Array, router_kernel: jax.Array,
       local = {k: jax.lax.pcast(v, config.data_axis, to="varying")
                for k, v in local.items()}
     local = {k: local.get(k) for k in weights}  # Absent biases back as None.
-    return _local_forward(config, t, r, local, expert_fn, tokens.shape[0])
+    rounds = _Rounds(mlp, checkpoint, remat)
+    return _local_forward(config, t, r, local, rounds, tokens.shape[0])
 
-  aux_specs = {"load_balancing_loss": P(), "router_z_loss": P(),
-               "tokens_per_expert": P()}
   y, aux = jax.shard_map(
       body, mesh=mesh, in_specs=(token_spec, P(), expert_specs),
-      out_specs=(token_spec, aux_specs))(tokens, router_kernel, present)
+      out_specs=(token_spec, {k: P() for k in AUX_KEYS}))(tokens, router_kernel, present)
   if _explicit(mesh):  # Back to the caller's layout, which its reshape expects.
     y = jax.sharding.reshard(y, tokens_sharding)
   return y, aux
+
+
+class _Rounds(NamedTuple):
+  """The grouped MLP and the wrappers of round 0 and of the overflow rounds."""
+  mlp: ExpertFn
+  checkpoint: Wrapper
+  remat: Wrapper
 
 
 def _token_axes(config: Config) -> tuple[str, ...]:
@@ -313,45 +439,98 @@ def _explicit(mesh: jax.sharding.Mesh) -> bool:
   return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
-def _local_forward(config: Config, tokens, router_kernel, weights, expert_fn,
+def _local_forward(config: Config, tokens, router_kernel, weights, rounds: _Rounds,
                    total_tokens: int):
   """Per device: route, sort, exchange, expert MLP, exchange back, combine."""
   axes = _token_axes(config)
   logits = tokens.astype(jnp.float32) @ router_kernel.astype(jnp.float32)
   route = routing.route(logits, config.top_k, config.router)
   counts = routing.tokens_per_expert(route.expert_ids, config.num_experts)
-  dispatch = permutation.plan_dispatch(route.expert_ids, route.weights, counts)
-  x_sorted = permutation.permute(tokens.astype(config.dtype), dispatch, config.top_k)
-  y_sorted = _exchange_and_compute(config, x_sorted, dispatch.scales, counts,
-                                   weights, expert_fn)
-  y = permutation.unpermute_and_combine(y_sorted, dispatch, config.top_k)
+  # Chunks are independent layers on t/chunks tokens each, so that XLA may run the
+  # exchanges of one under the GEMMs of another (not yet checked on GPUs).
+  size = tokens.shape[0] // config.chunks
+  parts, overflow = [], jnp.zeros((), jnp.int32)
+  for i in range(config.chunks):
+    part = slice(i * size, (i + 1) * size)
+    ids = route.expert_ids[part]
+    dispatch = permutation.plan_dispatch(
+        ids, route.weights[part], routing.tokens_per_expert(ids, config.num_experts))
+    y_sorted, rows = _exchange_and_compute(
+        config, tokens[part].astype(config.dtype), dispatch, weights, rounds)
+    parts.append(permutation.unpermute_and_combine(y_sorted, dispatch, config.top_k))
+    overflow = overflow + rows
+  y = jnp.concatenate(parts) if config.chunks > 1 else parts[0]
 
   global_counts = jax.lax.psum(counts, axes)
   fraction = global_counts.astype(jnp.float32) / (total_tokens * config.top_k)
   mean_prob = jax.lax.psum(jnp.sum(route.probs, axis=0), axes) / total_tokens
   z = jax.lax.psum(jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2), axes)
+  overflow = jax.lax.psum(overflow, axes)
+  none = jnp.zeros((), jnp.int32)
   aux = {
       "load_balancing_loss": config.num_experts * jnp.sum(fraction * mean_prob),
       "router_z_loss": z / total_tokens,
       "tokens_per_expert": global_counts,
+      "overflow_rows": none if config.drop_overflow else overflow,
+      "dropped_rows": overflow if config.drop_overflow else none,
   }
   return y, aux
 
 
-def _exchange_and_compute(config: Config, x_sorted, scales, counts, weights,
-                          expert_fn):
-  """Sorted rows [R, H] -> their expert outputs [R, H], computed where the experts live."""
-  num_rows = x_sorted.shape[0]
-  capacity = num_rows  # Dropless: every row of this device may go to one peer.
+def _exchange_and_compute(config: Config, tokens, dispatch: permutation.Dispatch,
+                          weights, rounds: _Rounds) -> tuple[jax.Array, jax.Array]:
+  """tokens [t, H] -> (the expert outputs of its sorted rows [t*k, H], the number
+  of them past their pair's capacity C, int32), computed where the experts live."""
+  num_rows = dispatch.order.shape[0]
+  num_peers = config.mesh.shape[config.expert_axis]
+  capacity = pair_capacity(num_rows, num_peers, config.capacity_factor)
+  plan = _plan(dispatch.group_sizes, config.expert_axis)
+  overflow = jnp.sum(jnp.maximum(plan.send_sizes - capacity, 0))
+
+  def one_round(tokens, weights, dispatch, plan, start):
+    tokens = checkpoint_name(tokens, offload.MOE_INPUT)
+    x_sorted = permutation.permute(tokens, dispatch, config.top_k)
+    return _round(config, x_sorted, dispatch.scales, weights, rounds.mlp,
+                  _window(plan, start, capacity), capacity)
+
+  first = jnp.zeros((), jnp.int32)
+  y_sorted = rounds.checkpoint(one_round)(tokens, weights, dispatch, plan, first)
+  num_rounds = -(-num_rows // capacity)
+  if config.drop_overflow or num_rounds == 1:
+    return y_sorted, overflow
+  # Same on every device, so that all take the same branch of the cond.
+  most = jax.lax.pmax(jnp.max(plan.send_sizes), _token_axes(config))
+
+  # The cond inside the remat: its residuals would be loop-variant outputs of the
+  # cond (stacked over the rounds); the remat's are its loop-invariant inputs.
+  @rounds.remat
+  def overflow_round(tokens, weights, dispatch, plan, start):
+    return jax.lax.cond(
+        most > start, one_round,
+        lambda *_: _zeros_like_varying(tokens, (num_rows, tokens.shape[1])),
+        tokens, weights, dispatch, plan, start)
+
+  def step(y_sorted, start):
+    return y_sorted + overflow_round(tokens, weights, dispatch, plan, start), None
+
+  starts = jnp.arange(1, num_rounds, dtype=jnp.int32) * capacity
+  y_sorted, _ = jax.lax.scan(step, y_sorted, starts)
+  return y_sorted, overflow
+
+
+def _round(config: Config, x_sorted, scales, weights, mlp: ExpertFn, window: _Plan,
+           capacity: int) -> jax.Array:
+  """One round: the window's rows of x_sorted [R, H] out and back through the
+  experts -> [R, H], zeros for rows outside the window."""
   axis, collective = config.expert_axis, config.collective
-  plan = _plan(counts, axis)
-  x_recv = _dispatch(x_sorted, plan, capacity, axis, collective)
-  s_recv = _dispatch(scales, plan, capacity, axis, collective)
-  order, group_sizes = _local_order(plan, capacity)
-  y_local = expert_fn(x_recv[order], weights, group_sizes, s_recv[order])
+  x_recv = _dispatch(x_sorted, window, capacity, axis, collective)
+  s_recv = _dispatch(scales, window, capacity, axis, collective)
+  order, group_sizes = _local_order(window, capacity)
+  y_local = mlp(x_recv[order], weights, group_sizes, s_recv[order])
   inverse = jnp.zeros_like(order).at[order].set(
       jnp.arange(order.shape[0], dtype=order.dtype))
-  return _combine(y_local[inverse], plan, num_rows, capacity, axis, collective)
+  return _combine(y_local[inverse], window, x_sorted.shape[0], capacity, axis,
+                  collective)
 
 
 def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes,
