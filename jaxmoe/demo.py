@@ -5,6 +5,8 @@
     python -m jaxmoe.demo --offload-names none # everything on device, to compare
     python -m jaxmoe.demo --unrolled           # layers in a Python loop instead of a scan
     python -m jaxmoe.demo --nnx-scan           # nnx.scan instead of jaxmoe.layer_scan
+    python -m jaxmoe.demo --fp8                # FP8 expert GEMMs, at the cpu128 preset
+    python -m jaxmoe.demo --preset cpu128      # the same model in bf16/f32, to compare
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ PRESETS = {
     "cpu": dict(steps=500, batch_size=16, seq_len=64, num_layers=2, model_dim=64,
                 num_heads=4, ffn_size=128, num_experts=4, top_k=2, dtype="float32",
                 learning_rate=3e-3),
+    # The cpu preset with widths that are multiples of 128, as FP8's scale tiles need.
+    "cpu128": dict(steps=500, batch_size=16, seq_len=64, num_layers=2, model_dim=128,
+                   num_heads=4, ffn_size=256, num_experts=4, top_k=2, dtype="float32",
+                   learning_rate=3e-3),
     "gpu": dict(steps=300, batch_size=32, seq_len=512, num_layers=4, model_dim=1024,
                 num_heads=16, ffn_size=4096, num_experts=8, top_k=2, dtype="bfloat16",
                 learning_rate=1e-3),
@@ -39,7 +45,8 @@ PROFILED_STEPS = (3, 4)  # After compilation (step 1) and warm-up.
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  p.add_argument("--preset", choices=sorted(PRESETS),
+                 help="model and batch sizes (default: cpu, or cpu128 with --fp8)")
   p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
   p.add_argument("--batch-size", type=int)
   p.add_argument("--backend", default="auto",
@@ -50,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--recompute-names", default="none",
                  help="comma-separated residuals to recompute in backward, or 'none'")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--fp8", action="store_true",
+                 help="run the expert GEMMs in blockwise-scaled FP8 "
+                      "(jaxmoe.BlockwiseRecipe: e4m3, 1x128 activation tiles, 128x128 "
+                      "weight blocks); model_dim and ffn_size must be multiples of 128")
   p.add_argument("--unfused", action="store_true",
                  help="run the activation as its own kernel instead of in the GEMM epilogues")
   p.add_argument("--unrolled", action="store_true",
@@ -64,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--hlo-out", metavar="PATH",
                  help="write the compiled training step's HLO here and print what it "
                       "says about host offload (copies, host buffers)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.preset is None:
+    args.preset = "cpu128" if args.fp8 else "cpu"
+  return args
 
 
 def names(arg: str) -> tuple[str, ...]:
@@ -100,7 +114,7 @@ def train(args: argparse.Namespace) -> dict:
   cfg = LMConfig(vocab_size=corpus.VOCAB_SIZE, backend=args.backend,
                  offload_names=names(args.offload_names),
                  recompute_names=names(args.recompute_names), fused=not args.unfused,
-                 scan_layers=not args.unrolled,
+                 fp8=args.fp8, scan_layers=not args.unrolled,
                  pipelined_offload=False if args.nnx_scan else None,
                  **preset)
   offload.offload_policy(cfg.offload_names, cfg.recompute_names)  # Fail fast.
@@ -149,13 +163,15 @@ def train(args: argparse.Namespace) -> dict:
   summary = {
       "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
       "tokens_per_s": rate, "peak_bytes": peak_memory_bytes(),
-      "offload_names": cfg.offload_names, "steps": steps,
+      "offload_names": cfg.offload_names, "steps": steps, "fp8": cfg.fp8,
+      "preset": args.preset,
   }
   peak = summary["peak_bytes"]
   print(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
         f"{rate:,.0f} tokens/s; peak device memory "
         f"{'n/a on this backend' if peak is None else f'{peak / 2**30:.2f} GiB'}; "
-        f"offloaded: {', '.join(cfg.offload_names) or 'nothing'}")
+        f"offloaded: {', '.join(cfg.offload_names) or 'nothing'}"
+        f"{'; FP8 expert GEMMs' if cfg.fp8 else ''}")
   return summary
 
 

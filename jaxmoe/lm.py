@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxmoe import layer_scan
 from jaxmoe import offload
+from jaxmoe.fp8 import BlockwiseRecipe
 from jaxmoe.modules import MoELayer
 
 
@@ -27,6 +28,9 @@ class LMConfig:
   recompute_names: tuple[str, ...] = ()
   backend: str = "auto"
   fused: bool = True
+  # The experts' GEMMs in blockwise-scaled FP8 (`jaxmoe.fp8.BlockwiseRecipe`); needs
+  # model_dim and ffn_size multiples of 128.
+  fp8: bool = False
   dtype: str = "bfloat16"
   # nnx.scan over layers (True) or a Python loop (False). Under scan, XLA writes each
   # layer's offloaded residuals into a host buffer as the layer runs, freeing their
@@ -66,7 +70,8 @@ class Block(nnx.Module):
     self.moe = MoELayer(
         cfg.model_dim, cfg.ffn_size, cfg.num_experts, cfg.top_k,
         offload_names=cfg.offload_names, recompute_names=cfg.recompute_names,
-        backend=cfg.backend, fused=cfg.fused, dtype=dtype, rngs=rngs)
+        backend=cfg.backend, fused=cfg.fused,
+        fp8=BlockwiseRecipe() if cfg.fp8 else None, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array):
     x = x + self.attn(self.attn_norm(x), mask=mask)

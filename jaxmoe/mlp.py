@@ -9,6 +9,8 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 from pallas_kernels import activation
 from pallas_kernels import common
+from jaxmoe import fp8 as fp8_lib
+from jaxmoe import fp8_mlp
 from jaxmoe import fused_mlp
 from jaxmoe import offload
 
@@ -16,7 +18,8 @@ from jaxmoe import offload
 def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
                 group_sizes: jax.Array, scales: jax.Array, *,
                 b1: jax.Array | None = None, b2: jax.Array | None = None,
-                backend: common.Backend = "auto", fused: bool = True) -> jax.Array:
+                backend: common.Backend = "auto", fused: bool = True,
+                fp8: fp8_lib.BlockwiseRecipe | None = None) -> jax.Array:
   """Expert MLP over tokens sorted by expert.
 
       h = x_g @ w1_g + b1_g               ("activation_input")
@@ -25,8 +28,8 @@ def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
 
   Args:
     x: [M, H] float, rows sorted by expert; rows past sum(group_sizes) are padding.
-    w1: [G, H, F], same dtype as x.
-    w2: [G, F, H], same dtype as x.
+    w1: [G, H, F], same dtype as x (any float dtype with fp8: the master weights).
+    w2: [G, F, H], likewise.
     group_sizes: [G] int32, rows per expert.
     scales: [M] float, the router probability p of each row.
     b1: optional [G, F]; b2: optional [G, H].
@@ -34,12 +37,25 @@ def grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array,
     fused: on the kernel backends, compute the activation in FC1's epilogue and
       its derivative in FC2's input-gradient epilogue (`fused_mlp.py`); with b1
       the unfused kernels run. The result is the same up to rounding order.
+      Ignored with fp8.
+    fp8: None (the default) for GEMMs in x's dtype, or a `jaxmoe.fp8.BlockwiseRecipe`
+      for blockwise-scaled FP8 GEMMs (`fp8_mlp.py`; H and F multiples of 128). Its
+      "xla" backend is a reference on the same quantised operands (ragged_dot in
+      float32), which "auto" runs where the kernels cannot: never bf16 GEMMs.
 
   Returns:
     y: [M, H] in x.dtype; padding rows are zero. Differentiable in x, w1, w2,
     b1, b2 and scales.
+
+  Raises:
+    ValueError: for shapes or dtypes that do not fit, an `fp8` that is not a
+      BlockwiseRecipe, or with fp8 an H or F that is not a multiple of 128.
   """
-  _validate(x, w1, w2, group_sizes, scales, b1, b2)
+  _validate(x, w1, w2, group_sizes, scales, b1, b2, fp8)
+  if fp8 is not None:
+    y = fp8_mlp.fp8_grouped_mlp(x, w1, w2, group_sizes, scales, b1=b1, recipe=fp8,
+                                backend=backend)
+    return _add_scaled_bias(y, b2, group_sizes, scales)
   if fused and b1 is None and _runs_kernels(backend):
     y = fused_mlp.fused_grouped_mlp(x, w1, w2, group_sizes, scales, backend=backend)
     return _add_scaled_bias(y, b2, group_sizes, scales)
@@ -85,7 +101,8 @@ def rows_of_groups(table: jax.Array, group_sizes: jax.Array,
   return padded[group_of_row]
 
 
-def _validate(x, w1, w2, group_sizes, scales, b1, b2) -> None:
+def _validate(x, w1, w2, group_sizes, scales, b1, b2, fp8) -> None:
+  fp8_lib.check_recipe(fp8)
   common.check_rank("x", x, 2, "[M, H]")
   common.check_rank("w1", w1, 3, "[G, H, F]")
   common.check_rank("w2", w2, 3, "[G, F, H]")
@@ -107,7 +124,9 @@ def _validate(x, w1, w2, group_sizes, scales, b1, b2) -> None:
     if array is not None:
       common.check_float(name, array)
   common.check_float("x", x)
+  if fp8 is not None:  # Any float master weights: they are quantised.
+    fp8_lib.check_sizes(hidden, ffn)
   for name, w in (("w1", w1), ("w2", w2)):
-    if w.dtype != x.dtype:
+    if fp8 is None and w.dtype != x.dtype:
       raise ValueError(f"Expected '{name}' in x's dtype {x.dtype}, got {w.dtype}.")
   common.check_group_sizes(group_sizes, num_groups)

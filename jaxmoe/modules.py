@@ -10,6 +10,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmoe import expert_parallel
+from jaxmoe import fp8 as fp8_lib
 from jaxmoe import offload
 from jaxmoe import permutation
 from jaxmoe import routing
@@ -24,6 +25,10 @@ default_expert_init = nnx.initializers.variance_scaling(
 class GroupedMLP(nnx.Module):
   """The expert MLP of `grouped_mlp`, with its residuals placed by a checkpoint policy.
 
+  With `fp8=jaxmoe.fp8.BlockwiseRecipe()` its GEMMs run in blockwise-scaled FP8: the
+  master weights keep `param_dtype` and are quantised inside each call, and
+  `fc1_input` / `fc2_input` are saved (and offloaded) as FP8 values plus scales.
+
   Example:
     >>> mlp = GroupedMLP(4, 16, 32, rngs=nnx.Rngs(0))
     >>> mlp.w1.shape, mlp.w2.shape
@@ -35,14 +40,19 @@ class GroupedMLP(nnx.Module):
                offload_names: str | Iterable[str] = offload.DEFAULT_OFFLOAD_NAMES,
                recompute_names: str | Iterable[str] = (),
                backend: common.Backend = "auto", fused: bool = True,
+               fp8: fp8_lib.BlockwiseRecipe | None = None,
                dtype=jnp.bfloat16, param_dtype=jnp.float32,
                kernel_init=default_expert_init, rngs: nnx.Rngs):
     offload.offload_policy(offload_names, recompute_names)  # Validates the names.
     common.check_backend(backend)
+    fp8_lib.check_recipe(fp8)
+    if fp8 is not None:
+      fp8_lib.check_sizes(hidden_size, ffn_size)
     self.offload_names = offload.as_names(offload_names, "offload_names")
     self.recompute_names = offload.as_names(recompute_names, "recompute_names")
     self.backend = backend
     self.fused = fused
+    self.fp8 = fp8
     self.dtype = dtype
     g, h, f = num_experts, hidden_size, ffn_size
     self.w1 = nnx.Param(kernel_init(rngs.params(), (g, h, f), param_dtype))
@@ -72,16 +82,18 @@ class GroupedMLP(nnx.Module):
         fn, policy=offload.offload_policy(self.offload_names, self.recompute_names))
 
   def weights(self) -> dict[str, jax.Array | None]:
-    """w1, w2, b1, b2 cast to the compute dtype (None where absent)."""
+    """w1, w2, b1, b2 cast to the compute dtype (None where absent); with fp8, w1
+    and w2 in the parameter dtype (they are quantised from the master weights)."""
     cast = lambda p: None if p is None else p[...].astype(self.dtype)
-    return dict(w1=cast(self.w1), w2=cast(self.w2), b1=cast(self.b1), b2=cast(self.b2))
+    w = (lambda p: p[...]) if self.fp8 is not None else cast
+    return dict(w1=w(self.w1), w2=w(self.w2), b1=cast(self.b1), b2=cast(self.b2))
 
   def pure_fn(self):
     """(x_sorted, weights, group_sizes, scales) -> y: `grouped_mlp`, not checkpointed."""
     def mlp(x_sorted, weights, group_sizes, scales):
       return grouped_mlp(x_sorted, weights["w1"], weights["w2"], group_sizes, scales,
                          b1=weights["b1"], b2=weights["b2"], backend=self.backend,
-                         fused=self.fused)
+                         fused=self.fused, fp8=self.fp8)
     return mlp
 
 
@@ -89,7 +101,8 @@ class MoELayer(nnx.Module):
   """Dropless top-k Mixture-of-Experts layer: router, sort by expert, expert MLP, combine.
 
   The router's top-k weights are the expert MLP's `scales`, so the combine is a
-  plain sum of each token's k expert outputs.
+  plain sum of each token's k expert outputs. `fp8` is the expert MLP's
+  (`GroupedMLP`); the router stays in float32.
 
   Example:
     >>> layer = MoELayer(16, 32, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
@@ -104,11 +117,13 @@ class MoELayer(nnx.Module):
                recompute_names: str | Iterable[str] = (),
                router: routing.Router = "softmax", use_bias: bool = False,
                backend: common.Backend = "auto", fused: bool = True,
+               fp8: fp8_lib.BlockwiseRecipe | None = None,
                dtype=jnp.bfloat16, param_dtype=jnp.float32,
                mesh: jax.sharding.Mesh | None = None, expert_axis: str = "expert",
                data_axis: str | None = "data",
                collective: expert_parallel.Collective = "auto",
-               rngs: nnx.Rngs):
+               capacity_factor: float | None = None, drop_overflow: bool = False,
+               chunks: int = 1, rngs: nnx.Rngs):
     if router not in routing.ROUTERS:
       raise ValueError(f"Unknown router {router!r}; expected one of {routing.ROUTERS}.")
     if not 1 <= top_k <= num_experts:
@@ -124,18 +139,24 @@ class MoELayer(nnx.Module):
     self.experts = GroupedMLP(
         num_experts, hidden_size, ffn_size, use_bias=use_bias,
         offload_names=offload_names, recompute_names=recompute_names,
-        backend=backend, fused=fused, dtype=dtype, param_dtype=param_dtype,
+        backend=backend, fused=fused, fp8=fp8, dtype=dtype, param_dtype=param_dtype,
         rngs=rngs)
     # Expert parallelism (jaxmoe/expert_parallel.py): experts split over
     # `expert_axis`, tokens over `data_axis` x `expert_axis`.
+    # Receive buffers of capacity_factor x tokens*top_k rows per device, dropless
+    # through overflow rounds unless drop_overflow.
     self.mesh = mesh
+    if mesh is None and (capacity_factor is not None or drop_overflow or chunks != 1):
+      raise ValueError(
+          "'capacity_factor', 'drop_overflow' and 'chunks' need a mesh (mesh=...).")
     if mesh is not None:
       expert_parallel.check_mesh(mesh, expert_axis, data_axis, num_experts)
-      if offload.MOE_INPUT in self.experts.offload_names + self.experts.recompute_names:
-        raise ValueError(
-            f"Placing {offload.MOE_INPUT!r} is not supported with a mesh: the expert-"
-            "parallel path gathers its rows inside the all-to-all. Place 'fc1_input' "
-            "instead.")
+      if capacity_factor is None:
+        capacity_factor = expert_parallel.DEFAULT_CAPACITY_FACTOR
+      expert_parallel.check_buffers(capacity_factor, drop_overflow, chunks)
+      self.capacity_factor = capacity_factor
+      self.drop_overflow = drop_overflow
+      self.chunks = chunks
       self.expert_axis = expert_axis
       self.data_axis = data_axis
       self.collective = expert_parallel.resolve_collective(collective, mesh)
@@ -148,7 +169,9 @@ class MoELayer(nnx.Module):
     """x [..., H] -> (y [..., H] in the layer's dtype, aux).
 
     aux: "load_balancing_loss" (scalar, 1.0 when balanced), "router_z_loss"
-    (scalar), "tokens_per_expert" ([E] int32, sums to tokens * top_k).
+    (scalar), "tokens_per_expert" ([E] int32, sums to tokens * top_k); with a
+    mesh also "overflow_rows" (int32, rows computed in overflow rounds) and
+    "dropped_rows" (int32, rows dropped with drop_overflow=True).
     """
     if x.shape[-1] != self.hidden_size:
       raise ValueError(
@@ -174,10 +197,14 @@ class MoELayer(nnx.Module):
     """tokens [T, H] -> (y [T, H], aux) on self.mesh, same values as one device."""
     config = expert_parallel.Config(
         self.mesh, self.expert_axis, self.data_axis, self.num_experts, self.top_k,
-        self.router, self.dtype, self.collective)
-    mlp = self.experts.checkpointed(self.experts.pure_fn())
-    return expert_parallel.moe_forward(config, tokens, self.router_kernel[...],
-                                       self.experts.weights(), mlp)
+        self.router, self.dtype, self.collective, self.capacity_factor,
+        self.drop_overflow, self.chunks)
+    # The interpreter's callbacks cannot be checkpointed (GroupedMLP.checkpointed).
+    interpret = self.experts.backend == "interpret"
+    return expert_parallel.moe_forward(
+        config, tokens, self.router_kernel[...], self.experts.weights(),
+        self.experts.pure_fn(), checkpoint=self.experts.checkpointed,
+        remat=(lambda fn: fn) if interpret else expert_parallel.nothing_saved)
 
   def _permuted_experts(self, tokens: jax.Array,
                         dispatch: permutation.Dispatch) -> jax.Array:

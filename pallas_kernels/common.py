@@ -81,6 +81,34 @@ def validate_tgmm(lhs, rhs, group_sizes) -> None:
   check_group_sizes(group_sizes)
 
 
+# The kernels' input contract (README, "Backends and the input contract"): every block
+# size a config can pick is a multiple of 64, so a K, N (or the MLP's H, F) that is one
+# splits into whole blocks of some config; TMA tiles lhs rows in 8s.
+KERNEL_SIZE_MULTIPLE = 64
+KERNEL_ROWS_MULTIPLE = 8
+
+
+def check_kernel_multiple(name: str, size: int) -> None:
+  """NotImplementedError unless `size` is a multiple of KERNEL_SIZE_MULTIPLE."""
+  if size % KERNEL_SIZE_MULTIPLE:
+    raise NotImplementedError(
+        f"{name}={size} is not a multiple of {KERNEL_SIZE_MULTIPLE}.")
+
+
+def check_kernel_sizes(m: int, k: int, n: int) -> None:
+  """NotImplementedError unless a grouped GEMM kernel takes lhs [M, K] and N output
+  columns: K and N multiples of 64, M a positive multiple of 8.
+
+  NotImplementedError, not ValueError, so that "auto" falls back to XLA; an explicit
+  kernel backend turns it into a ValueError (`ops.dispatch`).
+  """
+  check_kernel_multiple("K", k)
+  check_kernel_multiple("N", n)
+  if m == 0 or m % KERNEL_ROWS_MULTIPLE:
+    raise NotImplementedError(
+        f"M={m} is not a positive multiple of {KERNEL_ROWS_MULTIPLE}.")
+
+
 def on_hopper_gpu() -> bool:
   """True when the default device is an NVIDIA GPU of compute capability >= 9.0."""
   if jax.default_backend() != "gpu":

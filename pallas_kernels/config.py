@@ -83,6 +83,24 @@ class _ConsumerTiles:
   def _staging_bytes(self, out_itemsize: int) -> int:
     return self.num_compute_wgs * self.staged_rows * self.staged_cols * out_itemsize
 
+  def _check_accumulator_depth_and_band(self, max_tile: int, budget: str) -> None:
+    """A block_m x block_n tile of at most max_tile elements (else `budget` is
+    exceeded), a pipeline of one or more stages, a planar-snake band of one or more."""
+    if self.block_m * self.block_n > max_tile:
+      raise ValueError(
+          f"block_m*block_n={self.block_m * self.block_n} exceeds {budget}.")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
+    if self.grid_block_n < 1:
+      raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+
+  def _check_fits(self, in_itemsize: int) -> None:
+    """ValueError unless the config fits in shared memory with 2-byte outputs."""
+    if self.smem_bytes(in_itemsize, 2) > SMEM_BYTES:
+      raise ValueError(
+          f"{self} needs {self.smem_bytes(in_itemsize, 2)} bytes of shared memory "
+          f"(at most {SMEM_BYTES}).")
+
   def _check_consumers_and_epilogue(self, rows_multiple: int) -> None:
     if self.num_compute_wgs not in (1, 2):
       raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
@@ -160,14 +178,8 @@ class GmmConfig(_ConsumerTiles):
     _check_multiple("block_m", self.block_m, 64)
     _check_multiple("block_n", self.block_n, 64)
     _check_multiple("block_k", self.block_k, 64)
-    if self.block_m * self.block_n > 128 * 256:
-      raise ValueError(
-          f"block_m*block_n={self.block_m * self.block_n} exceeds one warpgroup's "
-          "float32 accumulator budget (128*256 elements).")
-    if self.max_concurrent_steps < 1:
-      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
-    if self.grid_block_n < 1:
-      raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    self._check_accumulator_depth_and_band(
+        128 * 256, "one warpgroup's float32 accumulator budget (128*256 elements)")
     self._check_consumers_and_epilogue(rows_multiple=8)
     if self.chain_items and self.num_compute_wgs == 1:
       raise ValueError("chain_items=True needs the warp-specialised kernel "
@@ -178,10 +190,7 @@ class GmmConfig(_ConsumerTiles):
       raise ValueError("cluster_n=2 needs the warp-specialised kernel (num_compute_wgs=2).")
     if self.chain_items and not self.persistent:
       raise ValueError("chain_items=True chains an SM's items: it needs persistent=True.")
-    if self.smem_bytes(2, 2) > SMEM_BYTES:
-      raise ValueError(
-          f"{self} needs {self.smem_bytes(2, 2)} bytes of shared memory "
-          f"(at most {SMEM_BYTES}).")
+    self._check_fits(in_itemsize=2)
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
     stage = (self.cta_tile_rows + self.cta_block_n) * self.block_k * in_itemsize
@@ -282,6 +291,73 @@ class TgmmConfig(_ConsumerTiles):
     _check_cta_n(self, n)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fp8GmmConfig(_ConsumerTiles):
+  """Tiling of `gmm_fp8_mgpu`: out [M, N] in block_m x block_n tiles per consumer
+  warpgroup, K in steps of one 128-wide scale block (a 128-byte swizzle row of e4m3).
+
+  Attributes:
+    block_m: rows of a work item.
+    block_n: output columns of a consumer warpgroup's tile; divides 128, so that
+      a tile reads one weight block scale per K step.
+    max_concurrent_steps: pipeline depth (stages of lhs, rhs and row-scale tiles).
+    grid_block_n: planar-snake band width, as GmmConfig's.
+    num_compute_wgs: 1: one warpgroup loads and computes, awaiting each K block's
+      wgmma before it promotes the partial sum. 2: warp-specialised, a producer
+      warpgroup loads and two consumer warpgroups compute the left and right
+      block_m x block_n halves of a block_m x (2*block_n) item (sharing its lhs
+      tile), so that one's promotion can run beside the other's wgmma.
+    epilogue_rows: rows of each consumer's staging buffer (None = block_m).
+  """
+  block_m: int = 128
+  block_n: int = 128
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 4
+  num_compute_wgs: int = 1
+  epilogue_rows: int | None = None
+  # What the shared gmm helpers read, fixed for this kernel.
+  block_k = 128
+  split_rows = False
+  epilogue_cols = None
+  persistent = True
+  chain_items = False
+  _TILE_ROWS = "block_m"
+
+  def __post_init__(self):
+    _check_multiple("block_m", self.block_m, 64)
+    if self.block_n not in (64, 128):
+      raise ValueError(f"block_n={self.block_n} must be 64 or 128 (a divisor of the "
+                       "128-column weight scale block).")
+    self._check_accumulator_depth_and_band(
+        128 * 128, "128*128: the warpgroup holds two float32 accumulators (the sum and "
+        "a K block's partial)")
+    self._check_consumers_and_epilogue(rows_multiple=8)
+    self._check_fits(in_itemsize=1)
+
+  def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
+    """Pipeline stages (lhs and rhs tiles, float32 row scales) and the staging buffer."""
+    stage = ((self.block_m + self.cta_block_n) * self.block_k * in_itemsize
+             + self.block_m * 4)
+    return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
+
+  # GmmConfig's check of a problem (pass in_itemsize=1), without chained items.
+  validate_for = GmmConfig.validate_for
+
+
+def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> Fp8GmmConfig:
+  """The config `gmm_fp8_mgpu` runs by default (no tuning yet): 128x128 tiles
+  (64-row ones for small M) and the deepest pipeline, up to 6 stages, that fits
+  with 4 KiB to spare (barriers, and the 1 KiB alignment of the swizzled tiles
+  next to the 512-byte row-scale buffers)."""
+  del k, n, g
+  block_m = 128 if m >= 128 * 8 else 64
+  for steps in (6, 5, 4, 3, 2):
+    cfg = Fp8GmmConfig(block_m, 128, steps)
+    if cfg.smem_bytes(1, out_itemsize) <= SMEM_BYTES - 4096:
+      return cfg
+  return Fp8GmmConfig(block_m, 64, 2)
+
+
 _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
            num_compute_wgs=2)
 _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
@@ -304,6 +380,21 @@ def _deepest(make, steps, out_itemsize: int):
   return None
 
 
+def _fitting(config_cls, fields: dict | None, k: int, n: int, in_itemsize: int,
+             out_itemsize: int):
+  """config_cls(**fields) if it is a valid config that tiles K and N and fits in
+  shared memory (`validate_for`), else None: a cache entry written by hand or by
+  another version of this package must not make a supported shape fail."""
+  if not fields:
+    return None
+  try:
+    cfg = config_cls(**fields)
+    cfg.validate_for(k, n, in_itemsize, out_itemsize)
+  except (TypeError, ValueError, NotImplementedError):
+    return None
+  return cfg
+
+
 def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
                transpose_rhs: bool = False, *, dtype=jnp.bfloat16,
                device_kind: str | None = None) -> GmmConfig:
@@ -311,18 +402,16 @@ def gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2,
 
   The autotuned one for (M bucket, K, N, G, dtype, out bytes, device kind) when a
   tuning cache has it (`tuning_cache`, written by `python -m pallas_kernels.autotune`)
-  and it fits, else `heuristic_gmm_config`. `transpose_rhs=True` (the input
-  gradient, rhs stored [G, N, K]) has entries of its own. `device_kind` defaults
-  to the device the kernel is lowered for (`current_device_kind`).
+  and it tiles K and N and fits in shared memory, else `heuristic_gmm_config`.
+  `transpose_rhs=True` (the input gradient, rhs stored [G, N, K]) has entries of
+  its own. `device_kind` defaults to the device the kernel is lowered for
+  (`current_device_kind`).
   """
   fields = tuning_cache.lookup("gmm_t" if transpose_rhs else "gmm", m, k, n, g,
                                dtype=dtype, out_itemsize=out_itemsize,
                                device_kind=device_kind or current_device_kind())
-  tuned = GmmConfig(**fields) if fields else None
-  if tuned is not None and tuned.smem_bytes(jnp.dtype(dtype).itemsize,
-                                            out_itemsize) <= SMEM_BYTES:
-    return tuned
-  return heuristic_gmm_config(m, k, n, g, out_itemsize)
+  tuned = _fitting(GmmConfig, fields, k, n, jnp.dtype(dtype).itemsize, out_itemsize)
+  return tuned or heuristic_gmm_config(m, k, n, g, out_itemsize)
 
 
 def heuristic_gmm_config(m: int, k: int, n: int, g: int,
@@ -363,16 +452,13 @@ def tgmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
                 dtype=jnp.bfloat16, device_kind: str | None = None) -> TgmmConfig:
   """The config `tgmm_mgpu` runs by default on lhs [M, K], rhs [M, N] -> [G, K, N].
 
-  The autotuned one when a tuning cache has it and it fits (as `gmm_config`), else
-  `heuristic_tgmm_config`.
+  The autotuned one when a tuning cache has it and it tiles K and N and fits (as
+  `gmm_config`), else `heuristic_tgmm_config`.
   """
   fields = tuning_cache.lookup("tgmm", m, k, n, g, dtype=dtype, out_itemsize=out_itemsize,
                                device_kind=device_kind or current_device_kind())
-  tuned = TgmmConfig(**fields) if fields else None
-  if tuned is not None and tuned.smem_bytes(jnp.dtype(dtype).itemsize,
-                                            out_itemsize) <= SMEM_BYTES:
-    return tuned
-  return heuristic_tgmm_config(m, k, n, g, out_itemsize)
+  tuned = _fitting(TgmmConfig, fields, k, n, jnp.dtype(dtype).itemsize, out_itemsize)
+  return tuned or heuristic_tgmm_config(m, k, n, g, out_itemsize)
 
 
 def heuristic_tgmm_config(m: int, k: int, n: int, g: int,

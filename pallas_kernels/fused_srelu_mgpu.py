@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
 from pallas_kernels import config as config_lib
 from pallas_kernels import gmm_mgpu
 from pallas_kernels import srelu_mgpu
@@ -36,13 +37,10 @@ class _RowScaledEpilogue(gmm_mgpu.Epilogue):
   """Shared by both: reads p for the tile's rows into a [block_m] smem vector."""
 
   def check_supported(self, m, cfg):
-    if cfg.split_rows or cfg.epilogue_cols:
-      # The dp partial slots are per (item, n-tile), the h tile one staging buffer.
+    del m  # Fewer rows than block_m: the wrappers pad p and h to block_m rows.
+    if not takes(cfg):
       raise NotImplementedError(
           "fused SReLU epilogues need split_rows=False and epilogue_cols=None.")
-    if m < cfg.block_m:
-      raise NotImplementedError(
-          f"fused SReLU epilogues need M >= block_m={cfg.block_m}, got M={m}.")
 
   def _load_p(self, p_gmem, p_smem, barrier, where):
     rows = pl.ds(pl.multiple_of(where["tile_row0"], 8), where["cfg"].block_m)
@@ -106,11 +104,66 @@ class DSReLUEpilogue(_RowScaledEpilogue):
     plgpu.copy_smem_to_gmem(dp_smem, dp_gmem.at[item, where["n_tile"]])
 
 
+def takes(cfg: config_lib.GmmConfig) -> bool:
+  """Whether the fused epilogues run with cfg: the dp partial slots are per
+  (item, n-tile), the h tile of dSReLU one staging buffer."""
+  return not cfg.split_rows and not cfg.epilogue_cols
+
+
+def srelu_gmm_config(m: int, k: int, n: int, g: int, *, dtype) -> config_lib.GmmConfig:
+  """The config of `gmm_srelu_mgpu` on x [M, K], w1 [G, K, N]: gmm's (`gmm_config`),
+  or its heuristic one where a tuned config does not suit the epilogue."""
+  itemsize = jnp.dtype(dtype).itemsize
+  cfg = config_lib.gmm_config(m, k, n, g, itemsize, dtype=dtype)
+  return cfg if takes(cfg) else config_lib.heuristic_gmm_config(m, k, n, g, itemsize)
+
+
+def dsrelu_gmm_config(m: int, k: int, n: int, g: int, *, dtype,
+                      out_itemsize: int | None = None) -> config_lib.GmmConfig:
+  """The config of `gmm_dsrelu_mgpu` on dy [M, K], w2 [G, N, K] in `dtype`, writing dh
+  of out_itemsize bytes (default dtype's): the input-gradient
+  gmm's (`gmm_config(transpose_rhs=True)`), with consumer tiles of at most
+  MAX_DSRELU_BLOCK_N columns that still tile N (64 where N is not a multiple of 128
+  times the consumers), the whole tile staged, and no chained items.
+
+  Loading a 256-column h tile into the WGMMA layout sends Mosaic GPU's layout
+  inference into a search that does not end in reasonable time. The h tile comes in
+  through a whole-tile staging buffer, which leaves room for 3 pipeline stages: too
+  few to chain items (K/block_k must split into them).
+  """
+  out_itemsize = out_itemsize or jnp.dtype(dtype).itemsize
+  cfg = config_lib.gmm_config(m, k, n, g, out_itemsize, transpose_rhs=True, dtype=dtype)
+  if not takes(cfg):
+    cfg = config_lib.heuristic_gmm_config(m, k, n, g, out_itemsize)
+  tiles_per_cluster = cfg.num_compute_wgs * cfg.cluster_n  # side by side along N
+  # 64 always fits: cfg's block_n, a multiple of 64, tiles N.
+  block_n = next(b for b in (MAX_DSRELU_BLOCK_N, 64)
+                 if b <= cfg.block_n and n % (b * tiles_per_cluster) == 0)
+  unchained = dict(chain_items=False, max_concurrent_steps=3) if cfg.chain_items else {}
+  return dataclasses.replace(cfg, block_n=block_n, epilogue_rows=None, **unchained)
+
+
+def _at_least_rows(x: jax.Array, rows: int) -> jax.Array:
+  """x padded with zero rows to `rows` rows if it has fewer: an epilogue reads a
+  whole block_m-row tile of p (and h), and with M < block_m the tile is rows
+  [0, block_m). Only the first M rows of the outputs are written."""
+  if x.shape[0] >= rows:
+    return x
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 def gmm_srelu_mgpu(x, w1, group_sizes, p, *, interpret: bool = False, config=None):
-  """(h, a): h = x_g @ w1_g, a = relu(h)**2 * p, both [M, F] in x.dtype; padding rows 0."""
+  """(h, a): h = x_g @ w1_g, a = relu(h)**2 * p, both [M, F] in x.dtype; padding rows 0.
+
+  config: default `srelu_gmm_config`.
+  """
+  (m, k), (g, _, n) = x.shape, w1.shape
+  common.check_kernel_sizes(m, k, n)  # before a config is picked for them
+  if config is None:
+    config = srelu_gmm_config(m, k, n, g, dtype=x.dtype)
+  p = _at_least_rows(p.astype(jnp.float32), config.block_m)
   (h, a), _ = gmm_mgpu.gmm_mgpu_with_epilogue(
-      x, w1, group_sizes, SReLUEpilogue(), (p.astype(jnp.float32),),
-      interpret=interpret, config=config)
+      x, w1, group_sizes, SReLUEpilogue(), (p,), interpret=interpret, config=config)
   return h, a
 
 
@@ -118,20 +171,17 @@ def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, confi
   """(dh [M, F] in h.dtype, dp [M] f32) from da = dy_g @ w2_g.T, never stored.
 
   dy: [M, H]; w2: [G, F, H]; h: [M, F] (activation_input); p: [M].
+  config: default `dsrelu_gmm_config`.
   """
-  m, k = dy.shape
+  (m, k), (g, n, _) = dy.shape, w2.shape
+  common.check_kernel_sizes(m, k, n)
   if config is None:
-    config = config_lib.gmm_config(m, k, w2.shape[1], w2.shape[0], h.dtype.itemsize,
-                                   transpose_rhs=True, dtype=dy.dtype)
-    # Loading a 256-column h tile into the WGMMA layout sends Mosaic GPU's layout
-    # inference into a search that does not end in reasonable time. The h tile
-    # comes in through a whole-tile staging buffer, which leaves room for 3
-    # pipeline stages: too few to chain items (K/block_k must split into them).
-    unchained = dict(chain_items=False, max_concurrent_steps=3) if config.chain_items else {}
-    config = dataclasses.replace(config, block_n=min(config.block_n, MAX_DSRELU_BLOCK_N),
-                                 epilogue_rows=None, **unchained)
+    config = dsrelu_gmm_config(m, k, n, g, dtype=dy.dtype,
+                               out_itemsize=h.dtype.itemsize)
+  h_tiles = _at_least_rows(h, config.block_m)
+  p = _at_least_rows(p.astype(jnp.float32), config.block_m)
   (dh, dp_partial), meta = gmm_mgpu.gmm_mgpu_with_epilogue(
-      dy, w2, group_sizes, DSReLUEpilogue(), (h, p.astype(jnp.float32)),
+      dy, w2, group_sizes, DSReLUEpilogue(), (h_tiles, p),
       transpose_rhs=True, out_dtype=h.dtype, interpret=interpret, config=config)
   return dh, _sum_dp_by_row(dp_partial, meta, m)
 

@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 from pallas_kernels import metadata_kernel
@@ -102,12 +103,7 @@ def check_supported(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
   check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  for name, size in (("K", k), ("N", n)):
-    if size % 64:
-      raise NotImplementedError(f"{name}={size} is not a multiple of 64.")
-  if m == 0 or m % 8:
-    # TMA tiles the row dimension of lhs in 8s: M must split into whole tiles.
-    raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
+  common.check_kernel_sizes(m, k, n)
   if config is None:
     config = config_lib.gmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize,
                                    transpose_rhs, dtype=lhs.dtype)
@@ -352,6 +348,27 @@ def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
 def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs, n,
                 out_dtype):
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
+
+  def accumulate(item, where):
+    def acc_scope(acc_ref):
+      # Padding items keep the zero accumulator.
+      @pl.when(meta.compute[item] != 0)
+      def _():
+        _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[meta.group_id[item]], where,
+                  cfg=cfg, transpose_rhs=transpose_rhs)
+      return acc_ref[...]
+
+    return pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
+
+  one_warpgroup_items(meta, accumulate, ins, outs, cfg=cfg, num_items=num_items,
+                      epilogue=epilogue, n=n, out_dtype=out_dtype)
+
+
+def one_warpgroup_items(meta, accumulate, ins, outs, *, cfg, num_items, epilogue, n,
+                        out_dtype) -> None:
+  """The one-warpgroup kernels' item loop: for each of this SM's (item, n-tile)
+  pairs, acc = accumulate(item, where) (a float32 [block_m, block_n] tile, zeros
+  for a padding item), then the epilogue on it."""
   grid_n = n // cfg.block_n
 
   @functools.partial(
@@ -364,26 +381,18 @@ def _gmm_kernel(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inputs
 
     def item_body(item, n_tile):
       where = _item_where(meta, item, n_tile, cfg)
-
-      def acc_scope(acc_ref):
-        # Padding items keep the zero accumulator.
-        @pl.when(meta.compute[item] != 0)
-        def _():
-          _mainloop(acc_ref, lhs_gmem, rhs_gmem.at[meta.group_id[item]], where,
-                    cfg=cfg, transpose_rhs=transpose_rhs)
-        return acc_ref[...]
-
-      acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n)))
+      acc = accumulate(item, where)
       epilogue(acc, o_smem, ins, outs, scratch, barriers, item=item, where=where)
 
     _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
-                 pipeline_state=None):
+def ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
+                pipeline_state=None, extra_in_specs=()):
   """The warp-specialised K pipeline: lhs [cta_tile_rows, block_k] and rhs tiles
-  of [block_k, cta_block_n] (or [cta_block_n, block_k]) per step, in swizzled smem."""
+  of [block_k, cta_block_n] (or [cta_block_n, block_k]) per step, in swizzled smem,
+  then the blocks of extra_in_specs."""
   transforms = _smem_transforms(cfg.block_k, dtype)
   # In a cluster of two (adjacent n-tiles of one item) the lhs tile is shared:
   # each SM loads half of it and multicasts it to both.
@@ -403,6 +412,7 @@ def _ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
                           transforms=transforms, memory_space=plgpu.SMEM,
                           collective_axes=lhs_collective),
           rhs_spec,
+          *extra_in_specs,
       ],
       wg_axis="wg",
       num_compute_wgs=cfg.num_compute_wgs,
@@ -440,7 +450,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   # The item loops walk (item, n-tile of a cluster); with cluster_n=2 both SMs of
   # a cluster get the same indices and take one cta_n-column tile each.
   grid_n = n // cfg.cluster_block_n
-  get_pipeline = functools.partial(_ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
+  get_pipeline = functools.partial(ws_pipeline, k=k, dtype=lhs_gmem.dtype, cfg=cfg,
                                    transpose_rhs=transpose_rhs)
   ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies
 
@@ -582,14 +592,26 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.cta_tile_rows, interpret=interpret)
   warp_specialized = cfg.num_compute_wgs > 1
-  clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
-              if cfg.cluster_n > 1 else {})
-  kernel = plgpu.kernel(
+  kernel = launch(
       functools.partial(_gmm_kernel_ws if warp_specialized else _gmm_kernel, cfg=cfg,
                         transpose_rhs=transpose_rhs, num_items=meta.num_items,
                         epilogue=epilogue, num_extra_inputs=len(extra_inputs), n=n,
                         out_dtype=out_dtype),
-      out_type=epilogue.out_types(m, n, out_dtype, meta.num_items, cfg),
+      epilogue.out_types(m, n, out_dtype, meta.num_items, cfg), meta, n=n, cfg=cfg,
+      interpret=interpret)
+  return kernel(*meta.arrays(), lhs, rhs, *extra_inputs), meta
+
+
+def launch(body, out_type, meta, *, n: int, cfg, interpret: bool):
+  """plgpu.kernel of a gmm kernel body over meta's work items: one program per SM
+  (or cluster) when cfg.persistent, else one per (item, n-tile of a cluster); a
+  producer and cfg.num_compute_wgs consumer warpgroups when warp-specialised."""
+  warp_specialized = cfg.num_compute_wgs > 1
+  clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
+              if cfg.cluster_n > 1 else {})
+  return plgpu.kernel(
+      body,
+      out_type=out_type,
       grid=((config_lib.num_sms() // cfg.cluster_n) if cfg.persistent
             else meta.num_items * (n // cfg.cluster_block_n),),
       grid_names=("sm",),
@@ -600,4 +622,3 @@ def gmm_mgpu_with_epilogue(lhs, rhs, group_sizes, epilogue: Epilogue,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )
-  return kernel(*meta.arrays(), lhs, rhs, *extra_inputs), meta

@@ -7,6 +7,10 @@ expressed in terms of the same two ops:
     out  = gmm(lhs, rhs)            lhs [M, K], rhs [G, K, N]   -> [M, N]
     dlhs = gmm(dout, rhs, transpose_rhs=True)                   -> [M, K]
     drhs = tgmm(lhs, dout)                                      -> [G, K, N]
+
+`gmm_fp8` dispatches the blockwise-scaled FP8 grouped GEMM (`gmm_fp8_mgpu.py`, XLA
+reference `reference.gmm_fp8_xla`); it has no VJP of its own: the FP8 expert MLP
+(`jaxmoe/fp8_mlp.py`) is one custom_vjp over its four GEMMs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels import quantize
 from pallas_kernels import reference
 
 
@@ -68,6 +73,44 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   return _tgmm_vjp(out_dtype, backend)(lhs, rhs, group_sizes)
 
 
+def gmm_fp8(lhs: quantize.RowQuantized, rhs: quantize.BlockQuantized,
+            group_sizes: jax.Array, *, transpose_rhs: bool = False,
+            out_dtype=jnp.bfloat16, backend: common.Backend = "auto") -> jax.Array:
+  """Blockwise-scaled FP8 grouped matmul (not differentiable).
+
+  out[rows of g] = dequant(lhs)[rows of g] @ dequant(rhs)[g] (or its transpose), with
+  float32 accumulation. Each pass reads the K-major layout that FP8 wgmma needs:
+  `rhs.values_t` and `rhs.scales` for x @ w, `rhs.values` and the transposed block
+  scales for dy @ w.T (no transposed copy of the weight).
+
+  Args:
+    lhs: `quantize.quantize_rows` of [M, K]: values [M, K] e4m3, scales [K // 128, M].
+    rhs: `quantize.quantize_blocks` of w [G, K, N] (with `transpose_rhs`, of w
+      [G, N, K], used transposed; then `values_t` may be None).
+    group_sizes: [G] int32; rows past sum(group_sizes) are padding (zeros out).
+    transpose_rhs: contract lhs with w's last axis (the input gradient dy @ w.T).
+    out_dtype: bf16 or f32.
+    backend: "mosaic_gpu" / "interpret" (`gmm_fp8_mgpu`), "xla" (ragged_dot of the
+      dequantised operands in float32), "auto" (the kernel on Hopper when it takes
+      the input, else XLA: still FP8 numerics, never a bf16 GEMM).
+
+  Returns:
+    [M, N] in out_dtype.
+  """
+  common.check_backend(backend)
+  if transpose_rhs:  # w [G, N, K] as stored is already K-major for dy @ w.T.
+    values, scales = rhs.values, jnp.swapaxes(rhs.scales, 1, 2)
+  else:
+    values, scales = rhs.values_t, rhs.scales
+  common.check_group_sizes(group_sizes, values.shape[0])
+  if lhs.values.shape[1] != values.shape[2]:
+    raise ValueError(
+        f"Contracting sizes differ: lhs is [M, K] = {tuple(lhs.values.shape)} but rhs "
+        f"is {'[G, N, K]' if transpose_rhs else '[G, K, N]'} = {tuple(rhs.values.shape)}.")
+  return dispatch(backend, _gmm_fp8_kernel, reference.gmm_fp8_xla, lhs.values,
+                  lhs.scales, values, scales, group_sizes, out_dtype=jnp.dtype(out_dtype))
+
+
 def _run_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, backend):
   return dispatch(backend, _gmm_kernel, reference.gmm_xla, lhs, rhs, group_sizes,
                   transpose_rhs=transpose_rhs, out_dtype=out_dtype)
@@ -117,6 +160,11 @@ def _vary_like_inputs(out, args):
 def _gmm_kernel():
   from pallas_kernels import gmm_mgpu
   return gmm_mgpu.gmm_mgpu
+
+
+def _gmm_fp8_kernel():
+  from pallas_kernels import gmm_fp8_mgpu
+  return gmm_fp8_mgpu.gmm_fp8_mgpu
 
 
 def _tgmm_kernel():

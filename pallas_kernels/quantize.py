@@ -79,15 +79,26 @@ def quantize_blocks(w: jax.Array) -> BlockQuantized:
   return BlockQuantized(values, jnp.swapaxes(values, 1, 2), scales)
 
 
+def fp8_to_f32(values: jax.Array) -> jax.Array:
+  """e4m3 values -> float32, exactly.
+
+  The optimisation barrier keeps the e4m3 rounding: XLA's GPU pipeline
+  (`SimplifyFPConversions`, on under the default xla_allow_excess_precision)
+  rewrites a chain of float converts f32 -> e4m3 -> f32 as no convert at all, so a
+  quantise-dequantise in one jit would otherwise compute on unquantised values.
+  """
+  return jax.lax.optimization_barrier(values).astype(jnp.float32)
+
+
 def dequantize_rows(q: RowQuantized) -> jax.Array:
   """RowQuantized -> x [M, K] float32."""
   m, k = q.values.shape
-  tiles = q.values.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
+  tiles = fp8_to_f32(q.values).reshape(m, k // BLOCK, BLOCK)
   return (tiles * q.scales.T[:, :, None]).reshape(m, k)
 
 
 def dequantize_blocks(q: BlockQuantized) -> jax.Array:
   """BlockQuantized -> w [G, K, N] float32."""
   g, k, n = q.values.shape
-  blocks = q.values.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
+  blocks = fp8_to_f32(q.values).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
   return (blocks * q.scales[:, :, None, :, None]).reshape(g, k, n)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import quantize
+
 # lhs [M, K] ragged in M, contracted with rhs [G, N, K] on its last axis.
 _GMM_TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())),
@@ -70,3 +72,29 @@ def gmm_dsrelu_xla(dy: jax.Array, w2: jax.Array, group_sizes: jax.Array,
   """(dh [M, F] in h.dtype, dp [M] f32) from da = dy_g @ w2_g.T (float32)."""
   da = gmm_xla(dy, w2, group_sizes, transpose_rhs=True, out_dtype=jnp.float32)
   return scaled_srelu_bwd_xla(da, h, p)
+
+
+def gmm_fp8_xla(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Array,
+                rhs_scales: jax.Array, group_sizes: jax.Array, *,
+                out_dtype: jnp.dtype) -> jax.Array:
+  """`gmm_fp8_mgpu`'s reference: ragged_dot of the dequantised operands in float32.
+
+  lhs: values [M, K] e4m3, scales [K // 128, M]; rhs: values [G, N, K] e4m3 (contracted
+  on K), scales [G, K // 128, N // 128]. Every product of two dequantised values is the
+  kernel's, so the two differ only in float32 summation order. [M, N] in out_dtype,
+  zero past sum(group_sizes).
+  """
+  lhs = quantize.dequantize_rows(quantize.RowQuantized(lhs_values, lhs_scales))
+  g, n, k = rhs_values.shape
+  block = quantize.BLOCK
+  blocks = quantize.fp8_to_f32(rhs_values).reshape(g, n // block, block, k // block, block)
+  scales = jnp.swapaxes(rhs_scales, 1, 2)[:, :, None, :, None]  # [G, N/128, 1, K/128, 1]
+  rhs = (blocks * scales).reshape(g, n, k)
+  out = jax.lax.ragged_dot_general(
+      lhs, rhs, group_sizes, _GMM_TRANSPOSED_DIMS, precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+  # Rounded as the kernel rounds its output, even where XLA's excess precision would
+  # fuse the next op into the float32 value (the result then depends on the fusion).
+  out = out.astype(out_dtype)
+  finfo = jnp.finfo(out_dtype)
+  return jax.lax.reduce_precision(out, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)

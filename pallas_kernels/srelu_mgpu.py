@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
 from pallas_kernels import gmm_mgpu
 
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [block_m] vector, one value per tile row
@@ -27,8 +28,16 @@ ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # a [block_m] vector, one value per t
 
 @dataclasses.dataclass(frozen=True)
 class SReLUConfig:
+  """A kernel block is block_m rows (any M: the last block is clipped) by block_f
+  columns (a multiple of 64 that divides F)."""
   block_m: int = 64
   block_f: int = 128
+
+
+def srelu_config(f: int) -> SReLUConfig:
+  """The default: 64 x 128 blocks, 64 x 64 where F (a multiple of 64) is not a
+  multiple of 128."""
+  return SReLUConfig(block_f=128 if f % 128 == 0 else 64)
 
 
 def srelu_tile(h: jax.Array, p: jax.Array) -> jax.Array:
@@ -44,13 +53,20 @@ def dsrelu_tile(da: jax.Array, h: jax.Array, p: jax.Array) -> tuple[jax.Array, j
   return dh, jnp.sum(da * relu * relu, axis=1)
 
 
-def check_supported(h: jax.Array, interpret: bool, cfg: SReLUConfig) -> None:
-  """Raises NotImplementedError for inputs the kernels do not take."""
+def check_supported(h: jax.Array, interpret: bool,
+                    cfg: SReLUConfig | None = None) -> SReLUConfig:
+  """Raises NotImplementedError for inputs the kernels do not take (a dtype other
+  than bf16/fp16, F not a multiple of 64 or of cfg.block_f); returns the config,
+  by default `srelu_config(F)`."""
   if h.dtype not in gmm_mgpu.SUPPORTED_IN_DTYPES:
     raise NotImplementedError(f"scaled SReLU kernels take bf16 or fp16, not {h.dtype}.")
-  if h.shape[1] % cfg.block_f:
-    raise NotImplementedError(f"F={h.shape[1]} is not a multiple of {cfg.block_f}.")
+  f = h.shape[1]
+  common.check_kernel_multiple("F", f)
+  cfg = cfg or srelu_config(f)
+  if f % cfg.block_f:
+    raise NotImplementedError(f"F={f} is not a multiple of block_f={cfg.block_f}.")
   gmm_mgpu.check_hopper(interpret)
+  return cfg
 
 
 def _launch(body, out_type, m: int, f: int, cfg: SReLUConfig, interpret: bool):
@@ -78,8 +94,7 @@ def _load_tiles(pairs, barriers):
 def scaled_srelu_fwd_mgpu(h: jax.Array, p: jax.Array, *, interpret: bool = False,
                           config: SReLUConfig | None = None) -> jax.Array:
   """a = relu(h)**2 * p[:, None]: h [M, F] bf16/fp16, p [M] float32 -> [M, F] in h.dtype."""
-  cfg = config or SReLUConfig()
-  check_supported(h, interpret, cfg)
+  cfg = check_supported(h, interpret, config)
   tile = (cfg.block_m, cfg.block_f)
 
   def body(h_gmem, p_gmem, a_gmem):
@@ -105,8 +120,7 @@ def scaled_srelu_bwd_mgpu(da: jax.Array, h: jax.Array, p: jax.Array, *,
                           interpret: bool = False, config: SReLUConfig | None = None
                           ) -> tuple[jax.Array, jax.Array]:
   """(da [M, F], h [M, F], p [M]) -> (dh [M, F] in h.dtype, dp [M] float32)."""
-  cfg = config or SReLUConfig()
-  check_supported(h, interpret, cfg)
+  cfg = check_supported(h, interpret, config)
   m, f = h.shape
   tile = (cfg.block_m, cfg.block_f)
 

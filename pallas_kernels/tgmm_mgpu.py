@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 from pallas_kernels.gmm_mgpu import (_smem_transforms, check_dtypes, check_hopper, stage,
@@ -57,14 +58,8 @@ def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = 
   """
   out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
   check_dtypes(lhs.dtype, rhs.dtype, out_dtype)
-  m, k = lhs.shape
-  n = rhs.shape[1]
-  for name, size in (("K", k), ("N", n)):
-    if size % 64:
-      raise NotImplementedError(f"{name}={size} is not a multiple of 64.")
-  if m == 0 or m % 8:
-    # TMA tiles the row dimension of lhs in 8s: M must split into whole tiles.
-    raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
+  (m, k), n = lhs.shape, rhs.shape[1]
+  common.check_kernel_sizes(m, k, n)
   if config is None:
     config = config_lib.tgmm_config(m, k, n, group_sizes.shape[0], out_dtype.itemsize,
                                     dtype=lhs.dtype)

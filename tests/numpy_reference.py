@@ -108,3 +108,78 @@ def assert_same_metadata(got, want):
   for field in dataclasses.fields(want):
     np.testing.assert_array_equal(np.asarray(getattr(got, field.name)),
                                   np.asarray(getattr(want, field.name)), err_msg=field.name)
+
+
+# Blockwise FP8 (jaxmoe.fp8.BlockwiseRecipe): scale = amax / 448 per 1x128 row tile or
+# 128x128 weight block, values rounded to e4m3 (ml_dtypes). The scale and the division
+# are float32 as XLA computes them in `pallas_kernels.quantize` (amax / 448 becomes
+# amax * float32(1 / 448), one ulp off the quotient for half the values), so that one
+# input gives the same e4m3 values: otherwise about one weight in 10^5 lands on the
+# other side of a rounding midpoint, which moves a whole column of h. Dequantised
+# results are float64.
+FP8_BLOCK, FP8_MAX = 128, 448.0
+
+
+def _round(x, dtype):
+  import ml_dtypes
+  return np.float64(np.asarray(x).astype(getattr(ml_dtypes, dtype)))
+
+
+def _quantize(tiles, axes):
+  """(values as float64, float32 scales) of float32 tiles, amax over `axes`."""
+  tiles = np.float32(tiles)
+  amax = np.abs(tiles).max(axis=axes, keepdims=True)
+  scales = np.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1.0))
+  return _round(tiles / scales, "float8_e4m3fn"), np.float64(scales)
+
+
+def quantize_rows(x):
+  """x [M, K] -> (dequantised float64 [M, K], e4m3 values as float64 [M, K], scales
+  [M, K // 128])."""
+  m, k = x.shape
+  values, scales = _quantize(np.reshape(x, (m, k // FP8_BLOCK, FP8_BLOCK)), (2,))
+  return (values * scales).reshape(m, k), values.reshape(m, k), scales[:, :, 0]
+
+
+def quantize_blocks(w):
+  """w [G, K, N] -> (dequantised float64 [G, K, N], values, scales [G, K//128, N//128])."""
+  g, k, n = w.shape
+  blocks = np.reshape(w, (g, k // FP8_BLOCK, FP8_BLOCK, n // FP8_BLOCK, FP8_BLOCK))
+  values, scales = _quantize(blocks, (2, 4))
+  return ((values * scales).reshape(g, k, n), values.reshape(g, k, n),
+          scales[:, :, 0, :, 0])
+
+
+def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None):
+  """The FP8 expert MLP (`jaxmoe/fp8_mlp.py`) in float64, quantising where it does:
+  x, w1, w2 and a = relu(h)**2 * p forward; dy and dh backward. The weight gradients
+  take the dequantised a and x and the unquantised dy and dh, rounded to bf16 (the
+  recipe's wgrad_dtype); everything else is exact, except h, rounded to `h_dtype`
+  (e.g. "bfloat16": the kernels store h in x's dtype) when given.
+
+  Returns y, or (y, {"x", "w1", "w2", "scales", "b1"}) when dy is given.
+  """
+  p = np.float64(p)
+  m, hidden = x.shape
+  num_groups, _, ffn = w1.shape
+  xd, w1d, w2d = quantize_rows(x)[0], quantize_blocks(w1)[0], quantize_blocks(w2)[0]
+  b1 = np.zeros((num_groups, ffn)) if b1 is None else np.float64(b1)
+  h = np.zeros((m, ffn))
+  for g, rows in group_slices(group_sizes):
+    h[rows] = xd[rows] @ w1d[g] + b1[g]
+  if h_dtype is not None:
+    h = _round(h, h_dtype)
+  relu = np.maximum(h, 0.0)
+  ad = quantize_rows(relu**2 * p[:, None])[0]
+  y = gmm(ad, w2d, group_sizes)
+  if dy is None:
+    return y
+  da = gmm(quantize_rows(dy)[0], w2d, group_sizes, transpose_rhs=True)
+  dh = da * p[:, None] * 2 * relu
+  dx = gmm(quantize_rows(dh)[0], w1d, group_sizes, transpose_rhs=True)
+  bf16 = lambda a: _round(a, "bfloat16")  # noqa: E731
+  grads = {"x": dx, "w1": tgmm(bf16(xd), bf16(dh), group_sizes),
+           "w2": tgmm(bf16(ad), bf16(dy), group_sizes),
+           "scales": np.sum(da * relu**2, axis=1),
+           "b1": np.stack([dh[rows].sum(axis=0) for _, rows in group_slices(group_sizes)])}
+  return y, grads

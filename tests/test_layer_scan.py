@@ -145,11 +145,11 @@ def test_eager_gradient_matches_nnx_scan():
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
-def _host_placements(offload_names, pipelined, num_layers=2):
+def _host_placements(offload_names, pipelined, num_layers=2, **kwargs):
   """Shapes of the pinned-host moves in the stack's gradient, lowered for an H100."""
-  hidden, ffn = 128, 256  # Multiples of 64, for the kernels.
+  hidden, ffn = 128, 256  # Multiples of 64, for the kernels (of 128 for FP8).
   stack = _stack(num_layers, backend="mosaic_gpu", dtype=jnp.bfloat16, hidden=hidden,
-                 ffn=ffn, offload_names=offload_names)
+                 ffn=ffn, offload_names=offload_names, **kwargs)
   graphdef, state = nnx.split(stack)
   x = jax.random.normal(jax.random.key(0), (256, hidden), jnp.bfloat16)
 
@@ -173,6 +173,22 @@ def test_cuda_lowering_moves_the_same_residuals_as_nnx_scan(offload_names):
   assert bool(packed) == bool(offload_names) == bool(per_name)
   assert len(packed) <= len(per_name)
   assert sum(packed) == sum(per_name)
+
+
+def test_fp8_stack_matches_nnx_scan_bitwise_and_moves_the_fp8_residuals():
+  """FP8 experts: fc1_input and fc2_input are e4m3 values (as uint8) plus float32
+  scales; layer_scan packs them per dtype and moves what nnx.scan moves."""
+  names = ("fc1_input", "fc2_input")
+  stack = _stack(3, hidden=128, ffn=256, fp8=jaxmoe.BlockwiseRecipe(), offload_names=names)
+  x = jax.random.normal(jax.random.key(3), (T, 128))
+  expected = jax.tree.leaves(_loss_and_grads(stack, x, pipelined=False))
+  got = jax.tree.leaves(_loss_and_grads(stack, x, pipelined=True))
+  assert np.isfinite(np.asarray(got[0]))
+  for g, e in zip(got, expected):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+  fp8 = dict(fp8=jaxmoe.BlockwiseRecipe())
+  packed = _host_placements(names, pipelined=True, **fp8)
+  assert packed and sum(packed) == sum(_host_placements(names, pipelined=False, **fp8))
 
 
 def test_errors():

@@ -1,6 +1,7 @@
 """The offload policy: what is saved where, cuda placements, bitwise equality, bad names."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,135 @@ def test_copies_hide_agrees_with_the_h100_measurements():
     assert (ratio <= 1.08) if predicted else (ratio >= 1.10), (r["shape"], r["placement"], ratio)
     checked += 1
   assert checked >= 12
+
+
+# --- FP8 (fp8=BlockwiseRecipe()): fc1_input and fc2_input are saved as e4m3 values
+# (bitcast to uint8, see jaxmoe/fp8_mlp.py) plus [K // 128, M] float32 scales.
+H8, F8 = 128, 256
+FP8_SAVED = {"fc1_input": [((M, H8), "uint8"), ((H8 // 128, M), "float32")],
+             "activation_input": [((M, F8), "float32")],
+             "fc2_input": [((M, F8), "uint8"), ((F8 // 128, M), "float32")]}
+
+
+def _fp8_inputs(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((M, H8)), dtype),
+          jnp.asarray(rng.standard_normal((G, H8, F8)) / 11, jnp.float32),
+          jnp.asarray(rng.standard_normal((G, F8, H8)) / 16, jnp.float32),
+          jnp.asarray(rng.uniform(0.1, 1, M), jnp.float32))
+
+
+def _fp8_loss(x, w1, w2, p, backend="xla"):
+  y = jaxmoe.grouped_mlp(x, w1, w2, GROUP_SIZES, p, backend=backend,
+                         fp8=jaxmoe.BlockwiseRecipe())
+  return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+
+def _avals(avals):
+  return sorted((tuple(a.shape), a.dtype.name) for a in avals)
+
+
+@pytest.mark.parametrize("offload_names, recompute_names", [
+    ((), ()), (("fc1_input", "fc2_input"), ()), (("fc1_input", "activation_input"), ()),
+    (RESIDUAL_NAMES, ()), (("fc2_input",), ("fc1_input",)),
+    ((), ("fc1_input", "activation_input", "fc2_input"))])
+def test_fp8_saved_residuals_follow_the_policy(offload_names, recompute_names):
+  policy = jaxmoe.offload_policy(offload_names, recompute_names)
+  residuals = saved_residuals(jax.checkpoint(_fp8_loss, policy=policy), *_fp8_inputs())
+  host = [aval for aval, _ in residuals if "<host>" in aval.str_short()]
+  assert _avals(host) == sorted(s for n in offload_names for s in FP8_SAVED[n])
+  kept = [n for n in RESIDUAL_NAMES if n not in offload_names + recompute_names]
+  named = {}
+  for aval, why in residuals:
+    if "named '" in why and "<host>" not in aval.str_short():
+      named.setdefault(why.split("named '")[1].split("'")[0], []).append(aval)
+  # The quantised weights' values and scales stay on device, whatever the placement.
+  assert _avals(named.pop(jaxmoe.offload.FP8_WEIGHTS)) == sorted(
+      [((G, H8, F8), "uint8"), ((G, H8 // 128, F8 // 128), "float32"),
+       ((G, F8, H8), "uint8"), ((G, F8 // 128, H8 // 128), "float32")])
+  assert {n: _avals(a) for n, a in named.items()} == {n: sorted(FP8_SAVED[n]) for n in kept}
+  # Nothing else of [M, F] is saved: a, h and dh are not kept beside the named ones.
+  on_device_mf = [a for a, _ in residuals
+                  if a.shape == (M, F8) and "<host>" not in a.str_short()]
+  assert len(on_device_mf) == sum(n in kept for n in ("activation_input", "fc2_input"))
+
+
+def test_fp8_offload_moves_about_half_the_bytes_of_bf16():
+  names = ("fc1_input", "fc2_input")
+  policy = jaxmoe.offload_policy(names)
+
+  def host_bytes(loss, inputs):
+    return sum(a.size * a.dtype.itemsize for a, _ in
+               saved_residuals(jax.checkpoint(loss, policy=policy), *inputs)
+               if "<host>" in a.str_short())
+
+  x, w1, w2, p = _fp8_inputs(dtype=jnp.bfloat16)
+  bf16 = host_bytes(lambda x, w1, w2, p: _loss(x, w1, w2, p),
+                    (x, w1.astype(jnp.bfloat16), w2.astype(jnp.bfloat16), p))
+  fp8 = host_bytes(_fp8_loss, (x, w1, w2, p))
+  assert bf16 == 2 * M * (H8 + F8)
+  assert fp8 == M * (H8 + F8) * (1 + 4 / 128)  # a byte a value, a float32 per 128
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("offload_names, recompute_names", [
+    (("fc1_input", "fc2_input"), ()),
+    (RESIDUAL_NAMES, ()),
+    (("fc2_input",), ("fc1_input", "activation_input")),
+])
+def test_fp8_offload_is_bitwise_equal_to_no_offload(offload_names, recompute_names, dtype):
+  inputs = _fp8_inputs(1, dtype)
+  reference = jax.jit(jax.value_and_grad(_fp8_loss, argnums=(0, 1, 2, 3)))(*inputs)
+  policy = jaxmoe.offload_policy(offload_names, recompute_names)
+  offloaded = jax.jit(jax.value_and_grad(jax.checkpoint(_fp8_loss, policy=policy),
+                                         argnums=(0, 1, 2, 3)))(*inputs)
+  assert np.isfinite(np.asarray(reference[0]))
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(offloaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("backend", ["xla", "mosaic_gpu"])
+def test_fp8_cuda_lowering_places_values_and_scales_in_pinned_host(backend):
+  """Lowered for an H100 (the Mosaic GPU FP8 kernels, or the XLA reference): the FP8
+  values and scales of fc1_input and fc2_input are the pinned-host buffers."""
+  from cuda_lowering import as_if_on_h100
+  names = ("fc1_input", "fc2_input")
+  loss = jax.checkpoint(lambda *a: _fp8_loss(*a, backend=backend),
+                        policy=jaxmoe.offload_policy(names))
+  import contextlib
+  inputs = _fp8_inputs(dtype=jnp.bfloat16)
+  # (The XLA path lowers without the abstract mesh, as the bf16 test above does.)
+  with as_if_on_h100() if backend == "mosaic_gpu" else contextlib.nullcontext():
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*inputs).lower(
+        lowering_platforms=("cuda",)).as_text()
+  dtypes = {"ui8": "uint8", "f32": "float32"}
+  placed = []
+  for line in text.splitlines():
+    if '_xla_buffer_placement = "pinned_host"' in line:
+      *dims, dtype = line.split("(tensor<")[1].split(">")[0].split("x")
+      placed.append((tuple(int(d) for d in dims), dtypes[dtype]))
+  assert sorted(placed) == sorted(s for n in names for s in FP8_SAVED[n])
+  if backend == "mosaic_gpu":
+    # The four FP8 GEMMs and the two bf16 weight-gradient tgmms.
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 6
+    # Each pass reads the layout the quantisers wrote: XLA transposes only the weights'
+    # e4m3 values (values_t, once per step) and the small [K // 128, M] scales.
+    for line in text.splitlines():
+      if "stablehlo.transpose" in line:
+        *dims, dtype = line.split(": (tensor<")[1].split(">")[0].split("x")
+        assert (dtype == "f8E4M3FN" and len(dims) == 3) or (
+            dtype == "f32" and min(map(int, dims)) <= F8 // 128), line
+
+
+def test_fp8_grouped_mlp_module_offloads_its_residuals():
+  mlp = jaxmoe.GroupedMLP(G, H8, F8, dtype=jnp.float32, backend="xla",
+                          offload_names=("fc1_input", "fc2_input"),
+                          fp8=jaxmoe.BlockwiseRecipe(), rngs=nnx.Rngs(0))
+  x, _, _, p = _fp8_inputs(2)
+  graphdef, params = nnx.split(mlp)
+
+  def loss(params, x, p):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x, GROUP_SIZES, p)))
+
+  host = [a for a, _ in saved_residuals(loss, params, x, p) if "<host>" in a.str_short()]
+  assert _avals(host) == sorted(FP8_SAVED["fc1_input"] + FP8_SAVED["fc2_input"])

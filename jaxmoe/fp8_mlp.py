@@ -1,0 +1,150 @@
+"""The expert MLP with blockwise-scaled FP8 GEMMs (`jaxmoe.fp8.BlockwiseRecipe`).
+
+One `custom_vjp` over the whole MLP, so that each GEMM reads operands quantised once
+and the backward pass reuses the forward's quantised activations:
+
+    forward                                       saved for backward, by name
+    xq  = quantize_rows(x)                        xq  "fc1_input"  (e4m3 values + scales)
+    w1q = quantize_blocks(w1), w2q likewise       values + scales  "fp8_weights" (device)
+    h   = gmm_fp8(xq, w1q) [+ b1]                 h   "activation_input"
+    aq  = quantize_rows(relu(h)**2 * p)           aq  "fc2_input"  (e4m3 values + scales)
+    y   = gmm_fp8(aq, w2q)
+
+    backward
+    dyq = quantize_rows(dy)
+    da  = gmm_fp8(dyq, w2q, transpose_rhs=True)   float32, w2q's [G, F, H] layout as stored
+    dh  = da * p * 2 relu(h),  dp = sum_j da_j relu(h_j)**2,  db1 = per-expert sum of dh
+    dhq = quantize_rows(dh)
+    dx  = gmm_fp8(dhq, w1q, transpose_rhs=True)
+    dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype (bf16)
+
+The weight gradients are bf16 grouped GEMMs on the dequantised saved activations:
+there is no FP8 transposed grouped GEMM (`tgmm`) kernel yet. The SReLU, its derivative
+and the quantisations are XLA ops on every backend: XLA fuses each into the one
+elementwise pass that quantises its result (a, dh), which the standalone SReLU
+kernels (`pallas_kernels.activation`) would split into two passes over HBM.
+
+The residuals are tagged inside the forward rule under the bf16 path's names, each
+FP8 residual as a (values, scales) pair under one name, so `offload_policy` moves
+or recomputes them exactly as it does the bf16 tensors, at about half the bytes.
+The saved e4m3 values are bitcast to uint8 (free in XLA): `jax.checkpoint` passes
+every float residual through `reduce_precision(exponent_bits=4, mantissa_bits=3)`,
+which follows IEEE rules and turns e4m3fn's finite 256..448 (each tile's largest
+values) into NaN (jax 0.11.2, `ad_checkpoint._insert_reduce_precision`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+import pallas_kernels
+from pallas_kernels import quantize
+from jaxmoe import fp8 as fp8_lib
+from jaxmoe import offload
+
+# What gmm_fp8 writes (bf16 or f32); other dtypes go through f32.
+_KERNEL_OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def fp8_grouped_mlp(x: jax.Array, w1: jax.Array, w2: jax.Array, group_sizes: jax.Array,
+                    scales: jax.Array, *, b1: jax.Array | None,
+                    recipe: fp8_lib.BlockwiseRecipe, backend: str) -> jax.Array:
+  """y = (relu(x_g @ w1_g + b1_g)**2 * p) @ w2_g with FP8 GEMMs, [M, H] in x.dtype.
+
+  Args as `jaxmoe.grouped_mlp` (validated there): x [M, H], w1 [G, H, F] and w2
+  [G, F, H] in any float dtype (the master weights), b1 [G, F] or None.
+  """
+  dtypes = tuple(None if a is None else jnp.dtype(a.dtype) for a in (x, w1, w2, b1, scales))
+  return _fp8_mlp(recipe, backend, dtypes)(x, w1, w2, b1, group_sizes, scales)
+
+
+def _gmm_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  return dtype if dtype in _KERNEL_OUT_DTYPES else jnp.dtype(jnp.float32)
+
+
+def _group_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+  """[M] int32: the group of each row, G for padding rows."""
+  return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(num_rows), side="right")
+
+
+def _saved(q):
+  """A quantised tensor as saved for backward: its e4m3 values bitcast to uint8."""
+  return type(q)(*(None if a is None or a.dtype != quantize.FP8
+                   else jax.lax.bitcast_convert_type(a, jnp.uint8) for a in q[:-1]),
+                 q[-1])
+
+
+def _restored(q):
+  """Inverse of `_saved`."""
+  return type(q)(*(None if a is None else jax.lax.bitcast_convert_type(a, quantize.FP8)
+                   for a in q[:-1]), q[-1])
+
+
+def _srelu(h, p):
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return relu * relu * p[:, None].astype(jnp.float32)
+
+
+def _dsrelu(da, h, p):
+  """(dh, dp) in float32 from da [M, F] float32."""
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return da * p[:, None].astype(jnp.float32) * (2.0 * relu), jnp.sum(da * relu * relu, axis=1)
+
+
+@functools.cache
+def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
+  x_dtype, w1_dtype, w2_dtype, b1_dtype, p_dtype = dtypes
+  wgrad_dtype = jnp.dtype(recipe.wgrad_dtype)
+  gmm_fp8 = functools.partial(pallas_kernels.gmm_fp8, backend=backend)
+
+  def wgrad(lhs, rhs, group_sizes, out_dtype):
+    return pallas_kernels.tgmm(
+        lhs.astype(wgrad_dtype), rhs.astype(wgrad_dtype), group_sizes,
+        preferred_element_type=jnp.float32, backend=backend).astype(out_dtype)
+
+  def forward(x, w1, w2, b1, group_sizes, p):
+    xq = quantize.quantize_rows(x)
+    w1q, w2q = quantize.quantize_blocks(w1), quantize.quantize_blocks(w2)
+    h = gmm_fp8(xq, w1q, group_sizes, out_dtype=_gmm_dtype(x_dtype))
+    if b1 is not None:
+      b1_rows = jnp.concatenate([b1, jnp.zeros_like(b1[:1])])[
+          _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
+      h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
+    h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
+    aq = quantize.quantize_rows(_srelu(h, p))
+    y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
+    # The backward pass reads the weights' [G, in, out] layout only (values_t is the
+    # forward's), with their scales.
+    saved_w = checkpoint_name(
+        tuple(_saved(quantize.BlockQuantized(q.values, None, q.scales)) for q in (w1q, w2q)),
+        offload.FP8_WEIGHTS)
+    return y, (checkpoint_name(_saved(xq), offload.FC1_INPUT), saved_w, group_sizes, p,
+               h, checkpoint_name(_saved(aq), offload.FC2_INPUT))
+
+  @jax.custom_vjp
+  def mlp(x, w1, w2, b1, group_sizes, p):
+    return forward(x, w1, w2, b1, group_sizes, p)[0]
+
+  def backward(residuals, dy):
+    xq, (w1q, w2q), group_sizes, p, h, aq = residuals
+    xq, w1q, w2q, aq = map(_restored, (xq, w1q, w2q, aq))
+    da = gmm_fp8(quantize.quantize_rows(dy), w2q, group_sizes, transpose_rhs=True,
+                 out_dtype=jnp.float32)
+    dh, dp = _dsrelu(da, h, p)
+    dx = gmm_fp8(quantize.quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
+                 out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
+    dw2 = wgrad(quantize.dequantize_rows(aq), dy, group_sizes, w2_dtype)
+    dw1 = wgrad(quantize.dequantize_rows(xq), dh, group_sizes, w1_dtype)
+    db1 = None
+    if b1_dtype is not None:
+      num_groups = group_sizes.shape[0]
+      db1 = jax.ops.segment_sum(dh, _group_of_rows(group_sizes, dh.shape[0]),
+                                num_segments=num_groups + 1)[:num_groups].astype(b1_dtype)
+    return dx, dw1, dw2, db1, None, dp.astype(p_dtype)
+
+  mlp.defvjp(forward, backward)
+  return mlp

@@ -1,0 +1,275 @@
+"""Blockwise-scaled FP8 grouped GEMM, `gmm_fp8_mgpu`: a persistent Mosaic GPU kernel.
+
+out[rows of g] = dequant(lhs)[rows of g] @ dequant(rhs[g]).T, zeros past
+sum(group_sizes), on the layouts of `quantize.py`:
+
+  lhs  values [M, K] e4m3, scales [K // 128, M] f32   (1x128 row tiles)
+  rhs  values [G, N, K] e4m3, scales [G, K // 128, N // 128] f32   (128x128 blocks)
+
+Hopper's FP8 wgmma reads both operands K-major, so rhs is stored [G, N, K] and
+contracted on its last axis (gmm_mgpu's transpose_rhs=True layout). One kernel
+serves the forward, y = x @ w (rhs = `quantize_blocks(w).values_t`), and the
+input gradient, dx = dy @ w.T (rhs = `quantize_blocks(w).values`, w's [G, K, N]
+read as [G, N', K'] with N' = K, K' = N, and the block scales swapped to match).
+
+Design:
+  * Work items, the persistent item loop and the epilogue are gmm_mgpu's
+    (`metadata_kernel.gmm_metadata`, `one_warpgroup_items`, `Epilogue`).
+  * The main loop is a pipeline over K in 128-wide steps: a 128-byte swizzle
+    row of e4m3 is 128 elements, exactly one scale block. Each step loads the
+    lhs tile [block_m, 128], the rhs tile [block_n, 128] and that K block's row
+    scales of lhs [1, block_m] by TMA, reads the rhs block scale (one scalar:
+    block_n divides 128) from global memory, and (`_promote`)
+      partial = lhs_tile @ rhs_tile.T            (wgmma into a fresh accumulator)
+      acc    += partial * row_scale[:, None] * block_scale
+    in float32 registers (the pipeline's carry). Promoting each K block's
+    partial sum outside the tensor core keeps its limited-precision FP8
+    accumulation to 128 products, as DeepGEMM does. The wgmma is awaited every
+    step, before its partial sum is read.
+  * config.num_compute_wgs=1 (the default): one warpgroup, `emit_pipeline`
+    (`_gmm_fp8_kernel`), so the tensor core idles while the warpgroup
+    promotes. 2: warp-specialised (`_gmm_fp8_kernel_ws`, gmm_mgpu's
+    `ws_pipeline`): a producer warpgroup loads, two consumer warpgroups take
+    the left and right halves of a block_m x (2*block_n) item, so one's
+    promotion can overlap the other's wgmma. Neither has been timed yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import config as config_lib
+from pallas_kernels import gmm_mgpu
+from pallas_kernels import metadata_kernel
+from pallas_kernels import quantize
+from pallas_kernels import srelu_mgpu
+
+BLOCK_K = quantize.BLOCK  # one scale block per pipeline step
+assert config_lib.Fp8GmmConfig.block_k == BLOCK_K
+SUPPORTED_OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def _check_shapes(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes) -> None:
+  """ValueError unless the operands have the shapes of `quantize.py`'s layouts."""
+  m, k = lhs_values.shape
+  g, n, rhs_k = rhs_values.shape
+  expected = {"lhs_scales": (k // BLOCK_K, m), "rhs_values": (g, n, k),
+              "rhs_scales": (g, k // BLOCK_K, n // BLOCK_K), "group_sizes": (g,)}
+  got = {"lhs_scales": lhs_scales.shape, "rhs_values": (g, n, rhs_k),
+         "rhs_scales": rhs_scales.shape, "group_sizes": group_sizes.shape}
+  for name, shape in expected.items():
+    if tuple(got[name]) != shape:
+      raise ValueError(
+          f"Expected '{name}' of shape {shape} for lhs_values [M, K] = {(m, k)} and "
+          f"rhs_values [G, N, K] = {tuple(rhs_values.shape)}, got {tuple(got[name])}.")
+  if group_sizes.dtype != jnp.int32:
+    raise ValueError(f"Expected int32 'group_sizes', got {group_sizes.dtype}.")
+
+
+def check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes, *,
+                    out_dtype, interpret: bool,
+                    config: config_lib.Fp8GmmConfig | None) -> config_lib.Fp8GmmConfig:
+  """Raises ValueError for inconsistent shapes, NotImplementedError for inputs the
+  kernel does not take; returns the config."""
+  _check_shapes(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes)
+  for name, x, dtype in (("lhs_values", lhs_values, quantize.FP8),
+                         ("rhs_values", rhs_values, quantize.FP8),
+                         ("lhs_scales", lhs_scales, jnp.float32),
+                         ("rhs_scales", rhs_scales, jnp.float32)):
+    if x.dtype != jnp.dtype(dtype):
+      raise NotImplementedError(
+          f"FP8 gmm takes '{name}' in {jnp.dtype(dtype)}, not {x.dtype}.")
+  if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
+    raise NotImplementedError(f"FP8 gmm writes bf16 or f32, not {jnp.dtype(out_dtype)}.")
+  m, k = lhs_values.shape
+  n = rhs_values.shape[1]
+  for name, size in (("K", k), ("N", n)):
+    if size % BLOCK_K:
+      raise NotImplementedError(f"{name}={size} is not a multiple of {BLOCK_K}.")
+  if m == 0 or m % 8:
+    raise NotImplementedError(f"M={m} is not a positive multiple of 8.")
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  cfg = config or config_lib.fp8_gmm_config(m, k, n, rhs_values.shape[0], out_itemsize)
+  cfg.validate_for(k, n, 1, out_itemsize)
+  gmm_mgpu.check_hopper(interpret)
+  return cfg
+
+
+def _scale_rows(lhs_scales_gmem, tile_row0, block_m: int):
+  """The tile's block_m columns of the [K // 128, M] row scales (all when M < block_m)."""
+  if lhs_scales_gmem.shape[1] < block_m:
+    return lhs_scales_gmem
+  return lhs_scales_gmem.at[:, pl.ds(pl.multiple_of(tile_row0, 8), block_m)]
+
+
+def _promote(acc, lhs_smem, rhs_smem, row_scales_smem, block_scale):
+  """acc + (lhs_smem @ rhs_smem.T) * row_scales[:, None] * block_scale: one K block,
+  its wgmma into a fresh accumulator, awaited, promoted in float32 registers."""
+  shape = (lhs_smem.shape[0], rhs_smem.shape[0])
+
+  def partial_scope(partial_ref):
+    plgpu.wgmma(partial_ref, lhs_smem, rhs_smem.T)
+    return partial_ref[...]  # awaits the wgmma
+
+  partial = pl.run_scoped(partial_scope, plgpu.ACC(shape))
+  row_scales = plgpu.load(row_scales_smem.at[0], layout=srelu_mgpu.ROW_LAYOUT)
+  return acc + partial * lax.broadcast_in_dim(row_scales * block_scale, shape, [0])
+
+
+def _zeros(cfg):
+  return plgpu.layout_cast(jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32),
+                           plgpu.Layout.WGMMA)
+
+
+def _row_scales_spec(cfg, **kwargs):
+  """The [1, block_m] row scales of K block kb, from `_scale_rows`."""
+  return plgpu.BlockSpec((1, cfg.block_m), lambda kb: (kb, 0), **kwargs)
+
+
+def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cfg):
+  """sum over K blocks kb of (lhs[rows, kb] @ rhs[n-tile, kb].T) * row scales * block
+  scale, float32 [block_m, block_n] in the WGMMA layout (rhs: one group's [N, K])."""
+  bm, bn = cfg.block_m, cfg.block_n
+  n_tile, tile_row0 = where["n_tile"], where["tile_row0"]
+  scale_col = n_tile * bn // BLOCK_K
+
+  def step(indices, lhs_smem, rhs_smem, row_scales_smem, acc):
+    (kb,) = indices
+    return _promote(acc, lhs_smem, rhs_smem, row_scales_smem,
+                    rhs_scales_gmem[kb, scale_col])
+
+  return plgpu.emit_pipeline(
+      step,
+      grid=(lhs_gmem.shape[1] // BLOCK_K,),
+      in_specs=[
+          plgpu.BlockSpec((bm, BLOCK_K), lambda kb: (0, kb)),
+          plgpu.BlockSpec((bn, BLOCK_K), lambda kb: (n_tile, kb)),
+          _row_scales_spec(cfg),
+      ],
+      max_concurrent_steps=cfg.max_concurrent_steps,
+      init_carry=_zeros(cfg),
+  )(gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm), rhs_gmem,
+    _scale_rows(lhs_scales_gmem, tile_row0, bm))
+
+
+def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype):
+  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), outs = (
+      gmm_mgpu._split_refs(refs, 2))
+
+  def accumulate(item, where):
+    group = meta.group_id[item]
+
+    def compute():
+      return _mainloop(lhs_gmem, rhs_gmem.at[group], lhs_scales_gmem,
+                       rhs_scales_gmem.at[group], where, cfg=cfg)
+
+    # Padding items store zeros.
+    return lax.cond(meta.compute[item] != 0, compute, lambda: _zeros(cfg))
+
+  gmm_mgpu.one_warpgroup_items(meta, accumulate, (), outs, cfg=cfg, num_items=num_items,
+                               epilogue=gmm_mgpu.Epilogue(), n=n, out_dtype=out_dtype)
+
+
+def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype):
+  """Warp-specialised (cfg.num_compute_wgs == 2): warpgroup 2 issues the TMA loads
+  of lhs, rhs and row-scale tiles; consumer warpgroups 0 and 1 each promote the
+  K blocks of the left or right block_m x block_n half of the item's tile (as
+  DeepGEMM, one consumer's promotion runs beside the other's wgmma) and store it."""
+  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), outs = (
+      gmm_mgpu._split_refs(refs, 2))
+  bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
+  epilogue = gmm_mgpu.Epilogue()
+  get_pipeline = functools.partial(
+      gmm_mgpu.ws_pipeline, k=lhs_gmem.shape[1], dtype=lhs_gmem.dtype, cfg=cfg,
+      transpose_rhs=True, extra_in_specs=(_row_scales_spec(cfg, memory_space=plgpu.SMEM),))
+  ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies
+
+  @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
+          lhs_gmem, rhs_gmem.at[0], lhs_scales_gmem),
+      o_smem=gmm_mgpu.staging_smem((2, cfg.staged_rows, cfg.staged_cols), out_dtype),
+      collective_axes="wg",
+  )
+  def _(pipeline_allocs, o_smem):
+    o_smem = gmm_mgpu.Staging(*o_smem)
+    wg = lax.axis_index("wg")
+
+    def store(acc, item, n_cta):
+      where = gmm_mgpu._item_where(meta, item, n_cta * 2 + wg, cfg)
+      epilogue(acc, o_smem.of_consumer(wg), (), outs, [], [], item=item, where=where)
+
+    def compute_item(item, n_cta):
+      group, tile_row0 = meta.group_id[item], meta.tile_row0[item]
+      rhs_scales_g = rhs_scales_gmem.at[group]
+      scale_col = (n_cta * 2 + wg) * bn // BLOCK_K
+
+      def mma(indices, lhs_smem, rhs_smem, row_scales_smem, acc):
+        (kb,) = indices
+        return _promote(acc, lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)], row_scales_smem,
+                        rhs_scales_g[kb, scale_col])
+
+      get_pipeline(mma, lambda pipeline: store(pipeline(_zeros(cfg)), item, n_cta))(
+          gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm),
+          rhs_gmem.at[group].at[pl.ds(n_cta * cta_n, cta_n)],
+          _scale_rows(lhs_scales_gmem, tile_row0, bm), allocations=pipeline_allocs)
+
+    def item_body(item, n_cta):
+      compute = meta.compute[item]
+      pl.when(compute != 0)(lambda: compute_item(item, n_cta))
+      # Padding rows: zeros, written by the consumers.
+      pl.when((compute == 0) & (wg < 2))(lambda: store(_zeros(cfg), item, n_cta))
+
+    gmm_mgpu._for_each_item(meta, num_items=num_items, grid_n=n // cta_n, cfg=cfg,
+                            body=item_body)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def gmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Array,
+                 rhs_scales: jax.Array, group_sizes: jax.Array, *,
+                 out_dtype=jnp.bfloat16, interpret: bool = False,
+                 config: config_lib.Fp8GmmConfig | None = None) -> jax.Array:
+  """Blockwise-scaled FP8 grouped matmul with rhs contracted on its last axis.
+
+  out[rows of g] = (lhs_values * lhs_scales)[rows of g] @ (rhs_values[g] * rhs_scales[g]).T
+  with each scale broadcast over its tile; rows past sum(group_sizes) are 0.
+
+  Args:
+    lhs_values: [M, K] float8_e4m3fn, rows sorted by group (`quantize_rows(x).values`).
+    lhs_scales: [K // 128, M] float32, one per row per 128 columns
+      (`quantize_rows(x).scales`).
+    rhs_values: [G, N, K] float8_e4m3fn, K-major (`quantize_blocks(w).values_t` for
+      x @ w; `quantize_blocks(w).values` for dy @ w.T).
+    rhs_scales: [G, K // 128, N // 128] float32, one per 128x128 block of rhs_values[g].T
+      (`quantize_blocks(w).scales` for x @ w; its swapaxes(1, 2) for dy @ w.T).
+    group_sizes: int32 [G], rows per group, sum(group_sizes) <= M. Zeros allowed.
+    out_dtype: bf16 or f32; accumulation is float32.
+    interpret: run the same kernel in the Pallas Mosaic GPU interpreter (CPU).
+    config: block sizes; default `config.fp8_gmm_config(M, K, N, G)`.
+
+  Returns:
+    [M, N] in out_dtype.
+
+  Raises:
+    ValueError: for shapes that do not fit together.
+    NotImplementedError: for inputs the kernel does not support (dtypes, K or N not
+      a multiple of 128, M not a positive multiple of 8, no Hopper GPU).
+  """
+  out_dtype = jnp.dtype(out_dtype)
+  cfg = check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
+                        out_dtype=out_dtype, interpret=interpret, config=config)
+  m, n = lhs_values.shape[0], rhs_values.shape[1]
+  meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.block_m, interpret=interpret)
+  kernel = gmm_mgpu.launch(
+      functools.partial(_gmm_fp8_kernel_ws if cfg.num_compute_wgs > 1 else _gmm_fp8_kernel,
+                        cfg=cfg, num_items=meta.num_items, n=n,
+                        out_dtype=out_dtype),
+      (jax.ShapeDtypeStruct((m, n), out_dtype),), meta, n=n, cfg=cfg, interpret=interpret)
+  (out,) = kernel(*meta.arrays(), lhs_values, rhs_values, lhs_scales, rhs_scales)
+  return out
