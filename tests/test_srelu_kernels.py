@@ -62,7 +62,7 @@ def test_kernels_lower_for_h100():
 
 def test_unsupported_input_raises():
   h, p, _ = _inputs(64, 100, jnp.bfloat16)
-  with pytest.raises(NotImplementedError, match="multiple of 128"):
+  with pytest.raises(NotImplementedError, match="multiple of 64"):
     srelu_mgpu.scaled_srelu_fwd_mgpu(h, p, interpret=True)
   with pytest.raises(ValueError, match="cannot run this input"):
     activation.scaled_srelu(h, p, backend="interpret")
