@@ -609,16 +609,23 @@ def launch(body, out_type, meta, *, n: int, cfg, interpret: bool):
   warp_specialized = cfg.num_compute_wgs > 1
   clusters = (dict(cluster=(cfg.cluster_n,), cluster_names=("cluster",))
               if cfg.cluster_n > 1 else {})
-  return plgpu.kernel(
-      body,
-      out_type=out_type,
+  return warpgroup_kernel(
+      body, out_type=out_type,
       grid=((config_lib.num_sms() // cfg.cluster_n) if cfg.persistent
             else meta.num_items * (n // cfg.cluster_block_n),),
       grid_names=("sm",),
-      **clusters,
       num_threads=cfg.num_compute_wgs + 1 if warp_specialized else None,
-      thread_name="wg" if warp_specialized else None,
+      interpret=interpret, **clusters)
+
+
+def warpgroup_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[str, ...],
+                     interpret: bool, num_threads: int | None = None, **kwargs):
+  """plgpu.kernel in warpgroup lowering semantics (run by the Pallas GPU interpreter
+  when `interpret`); `num_threads` warpgroups named "wg" for a warp-specialised
+  body, one otherwise. kwargs (clusters) go to plgpu.kernel."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=grid, grid_names=grid_names,
+      num_threads=num_threads, thread_name="wg" if num_threads else None,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )
+      interpret=plgpu.InterpretGPUParams() if interpret else None, **kwargs)

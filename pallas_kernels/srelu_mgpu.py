@@ -70,12 +70,10 @@ def check_supported(h: jax.Array, interpret: bool,
 
 
 def _launch(body, out_type, m: int, f: int, cfg: SReLUConfig, interpret: bool):
-  return plgpu.kernel(
+  return gmm_mgpu.warpgroup_kernel(
       body, out_type=out_type,
       grid=(pl.cdiv(m, cfg.block_m), f // cfg.block_f), grid_names=("m", "f"),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else None)
+      interpret=interpret)
 
 
 def _tile_slices(cfg: SReLUConfig):

@@ -46,7 +46,7 @@ from pallas_kernels import common
 from pallas_kernels import config as config_lib
 from pallas_kernels import metadata as metadata_lib
 from pallas_kernels.gmm_mgpu import (_smem_transforms, check_dtypes, check_hopper, stage,
-                                     tile_chunk)
+                                     tile_chunk, warpgroup_kernel)
 
 
 def check_supported(lhs, rhs, group_sizes, *, out_dtype=None, interpret: bool = False,
@@ -366,15 +366,9 @@ def tgmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   g = group_sizes.shape[0]
   meta = metadata_lib.tgmm_metadata(group_sizes, m, cfg.block_m)
   ws = cfg.warp_specialized
-  kernel = plgpu.kernel(
+  kernel = warpgroup_kernel(
       functools.partial(_tgmm_kernel_ws if ws else _tgmm_kernel, cfg=cfg),
       out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid=(config_lib.num_sms(),),
-      grid_names=("sm",),
-      num_threads=cfg.num_compute_wgs + 1 if ws else None,
-      thread_name="wg" if ws else None,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )
+      grid=(config_lib.num_sms(),), grid_names=("sm",),
+      num_threads=cfg.num_compute_wgs + 1 if ws else None, interpret=interpret)
   return kernel(*meta.arrays(), lhs, rhs)

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmoe
 from cuda_lowering import H100
+from moe_training import regression_step
 from jaxmoe import expert_parallel
 from jaxmoe import offload
 
@@ -354,14 +355,7 @@ def test_optax_steps_on_the_sharded_layer():
   x = _inputs("skewed")
   target = jnp.tanh(x[..., ::-1])
 
-  @nnx.jit
-  def step(layer, optimizer):
-    def loss(layer):
-      y, aux = layer(x)
-      return jnp.mean((y - target) ** 2) + 0.01 * aux["load_balancing_loss"]
-    value, grads = nnx.value_and_grad(loss)(layer)
-    optimizer.update(layer, grads)
-    return value
+  step = regression_step(x, target)
 
   losses = {}
   for name, layer in (("ref", ref), ("ep", ep)):

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import jaxmoe
+from moe_training import regression_step
 
 H, F, E = 16, 32, 8
 
@@ -85,14 +86,7 @@ def test_fifty_optax_steps_learn_a_toy_task():
   x = jax.random.normal(keys[0], (256, H))
   target = jnp.tanh(x @ jax.random.normal(keys[1], (H, H)))
 
-  @nnx.jit
-  def step(layer, optimizer):
-    def loss(layer):
-      y, aux = layer(x)
-      return jnp.mean((y - target) ** 2) + 0.01 * aux["load_balancing_loss"]
-    value, grads = nnx.value_and_grad(loss)(layer)
-    optimizer.update(layer, grads)
-    return value
+  step = regression_step(x, target)
 
   losses = [float(step(layer, optimizer)) for _ in range(50)]
   assert losses[-1] < 0.5 * losses[0], losses

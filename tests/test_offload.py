@@ -71,6 +71,18 @@ def test_cuda_lowering_places_offloaded_names_in_pinned_host(offload_names):
   assert shapes == sorted(SHAPES[n] for n in offload_names)
 
 
+def _assert_offload_bitwise_equal(loss, inputs, offload_names, recompute_names):
+  """The loss and its gradients in all four inputs, under the offload policy and
+  without one: finite, and equal bit for bit."""
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(*inputs)
+  reference = grad(loss)
+  policy = jaxmoe.offload_policy(offload_names, recompute_names)
+  offloaded = grad(jax.checkpoint(loss, policy=policy))
+  assert np.isfinite(np.asarray(reference[0]))
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(offloaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("offload_names, recompute_names", [
     (("fc1_input", "activation_input"), ()),
@@ -78,13 +90,7 @@ def test_cuda_lowering_places_offloaded_names_in_pinned_host(offload_names):
     (("fc1_input",), ("activation_input", "fc2_input")),
 ])
 def test_offload_is_bitwise_equal_to_no_offload(offload_names, recompute_names, dtype):
-  inputs = _inputs(1, dtype)
-  reference = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1, 2, 3)))(*inputs)
-  policy = jaxmoe.offload_policy(offload_names, recompute_names)
-  offloaded = jax.jit(jax.value_and_grad(jax.checkpoint(_loss, policy=policy),
-                                         argnums=(0, 1, 2, 3)))(*inputs)
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(offloaded)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_offload_bitwise_equal(_loss, _inputs(1, dtype), offload_names, recompute_names)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -272,14 +278,8 @@ def test_fp8_offload_moves_about_half_the_bytes_of_bf16():
     (("fc2_input",), ("fc1_input", "activation_input")),
 ])
 def test_fp8_offload_is_bitwise_equal_to_no_offload(offload_names, recompute_names, dtype):
-  inputs = _fp8_inputs(1, dtype)
-  reference = jax.jit(jax.value_and_grad(_fp8_loss, argnums=(0, 1, 2, 3)))(*inputs)
-  policy = jaxmoe.offload_policy(offload_names, recompute_names)
-  offloaded = jax.jit(jax.value_and_grad(jax.checkpoint(_fp8_loss, policy=policy),
-                                         argnums=(0, 1, 2, 3)))(*inputs)
-  assert np.isfinite(np.asarray(reference[0]))
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(offloaded)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_offload_bitwise_equal(_fp8_loss, _fp8_inputs(1, dtype), offload_names,
+                                recompute_names)
 
 
 @pytest.mark.parametrize("backend", ["xla", "mosaic_gpu"])
