@@ -8,9 +8,13 @@ A step is `jax.value_and_grad` of a nonlinear loss over all parameters and the
 input, timed with back-to-back calls (timing.py). "capacity_factor = X" is the old
 worst-case sizing (one round of X*t*k rows), the reference the bounded buffers beat.
 
-Per device, each record carries XLA's compiled figures (`memory_analysis()`:
+Per device, each record carries the activations the forward saves for the
+backward (`saved_activation_bytes`), XLA's compiled figures (`memory_analysis()`:
 arguments, outputs, temporaries; available on CPU too) and, on GPUs, the
 allocator's `peak_bytes_in_use`; and the step's `overflow_rows`.
+
+`--compile-only` builds each configuration abstractly on 8 forced CPU host devices
+and compiles it without running: the full-size layers' memory on a CPU.
 
 `--share` instead measures, on one device, the per-device work of an X-way layer:
 the grouped MLP (fwd+bwd) on one device's El = E/X experts with the bounded
@@ -23,6 +27,7 @@ only its row).
     PYTHONPATH=. python benchmarks/expert_parallel.py                 # the GPUs there are
     PYTHONPATH=. python benchmarks/expert_parallel.py --share         # one GPU
     PYTHONPATH=. python benchmarks/expert_parallel.py --small         # CPU, 8 forced devices
+    PYTHONPATH=. python benchmarks/expert_parallel.py --compile-only  # CPU, memory only
 
 Writes benchmarks/results/expert_parallel.json (with --small: a file in the temp
 folder, to keep CPU figures out of the results) and prints a table.
@@ -80,6 +85,10 @@ def parse_args(argv=None):
   p.add_argument("--share", action="store_true",
                  help="one device: the grouped MLP of one device's share of an X-way "
                       "layer, bounded vs worst-case buffers")
+  p.add_argument("--compile-only", action="store_true",
+                 help=f"compile each step on {SMALL_DEVICES} forced CPU host devices from "
+                      "abstract parameters and inputs, and report XLA's per-device memory "
+                      "(no step time, no overflow count): the full-size layers on a CPU")
   p.add_argument("--steps", type=int, default=None, help="calls per timing")
   p.add_argument("--backend", default="auto", help="grouped GEMM backend")
   p.add_argument("--out", default=None, help="results JSON path")
@@ -89,6 +98,9 @@ def parse_args(argv=None):
     args.layers = "small" if args.small else "mixtral,deepseek"
   if args.steps is None:
     args.steps = 2 if args.small else 10
+  if args.compile_only and (args.share or args.routing != "random"):
+    p.error("--compile-only measures the layer's memory: it takes neither --share nor "
+            "--routing (nothing runs)")
   for name in args.layers.split(","):
     if name not in LAYERS:
       p.error(f"unknown layer {name!r}; expected one of {sorted(LAYERS)}")
@@ -102,7 +114,7 @@ def capacity_for(factor: str, devices: int) -> float:
 def child_env(args) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  if args.small:
+  if args.small or args.compile_only:
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={SMALL_DEVICES}").strip()
@@ -125,12 +137,28 @@ def memory_record(compiled, devices) -> dict:
   return record
 
 
+def saved_activation_bytes(loss, devices: int, *args) -> int:
+  """Bytes per device that the step's forward keeps for its backward: the saved
+  residuals of `loss(*args)` that are neither arguments nor the bf16 copies of
+  the expert weights, each split over the `devices` of the mesh (what offload
+  moves; the transient buffers of either pass are not counted)."""
+  import numpy as np
+  from jax._src.ad_checkpoint import saved_residuals  # private: lists what backward keeps
+
+  total = 0
+  for aval, origin in saved_residuals(loss, *args):
+    if "from the argument" in origin or "GroupedMLP.weights" in origin:
+      continue
+    total += int(np.prod(aval.shape)) * aval.dtype.itemsize
+  return total // devices
+
+
 def run_layer(args, layer_name: str, devices: int, collective: str,
               capacity_factor: float, chunks: int) -> dict:
-  """In the child: build, compile and time one weak-scaling configuration."""
+  """In the child: build, compile and time one weak-scaling configuration (with
+  --compile-only, build abstractly and compile only)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   import jaxmoe
@@ -147,20 +175,17 @@ def run_layer(args, layer_name: str, devices: int, collective: str,
     ep = dict(mesh=mesh, data_axis=None, collective=collective,
               capacity_factor=capacity_factor, chunks=chunks)
   offload = {} if args.offload == "default" else dict(offload_names=())
-  layer = jaxmoe.MoELayer(shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"],
-                          backend=args.backend, rngs=nnx.Rngs(0), **ep, **offload)
-  if args.routing == "one_expert":
-    router = np.zeros((shape["hidden"], shape["experts"]), np.float32)
-    router[:, 0] = 1.0
-    layer.router_kernel.set_value(jax.device_put(
-        jnp.asarray(router), layer.router_kernel.get_value().sharding))
-  graphdef, state = nnx.split(layer)
+  make = lambda: jaxmoe.MoELayer(shape["hidden"], shape["ffn"], shape["experts"],
+                                 shape["top_k"], backend=args.backend, rngs=nnx.Rngs(0),
+                                 **ep, **offload)
   tokens = shape["tokens"] * devices
-  x = jax.random.normal(jax.random.key(1), (tokens, shape["hidden"]), jnp.bfloat16)
-  if args.routing == "one_expert":
-    x = jnp.abs(x)
-  if mesh is not None:
-    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))
+  x_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+                if mesh is not None else None)
+  if args.compile_only:  # Abstract (sharded) parameters and input: nothing allocated.
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    x = jax.ShapeDtypeStruct((tokens, shape["hidden"]), jnp.bfloat16, sharding=x_sharding)
+  else:
+    graphdef, state, x = _concrete_layer_and_input(args, make, shape, tokens, x_sharding)
 
   def loss(state, x):
     y, aux = nnx.merge(graphdef, state)(x)
@@ -170,18 +195,46 @@ def run_layer(args, layer_name: str, devices: int, collective: str,
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
   compiled = step.lower(state, x).compile()
-  (_, overflow), _ = compiled(state, x)
-  ms = time_ms(compiled, state, x, calls=max(1, args.steps), repeats=3)
+  activations = saved_activation_bytes(lambda *a: loss(*a)[0], devices, state, x)
+  timed = {}
+  if not args.compile_only:
+    (_, overflow), _ = compiled(state, x)
+    ms = time_ms(compiled, state, x, calls=max(1, args.steps), repeats=3)
+    timed = dict(step_ms=round(ms, 3), tokens_per_s=round(tokens / ms * 1e3, 1),
+                 overflow_rows=int(overflow))
   return dict(kind="layer", layer=layer_name, devices=devices,
               collective=collective if mesh else "none",
               capacity_factor=capacity_factor if mesh else None,
               chunks=chunks if mesh else None,
               tokens_per_device=shape["tokens"], H=shape["hidden"], F=shape["ffn"],
               E=shape["experts"], top_k=shape["top_k"], routing=args.routing,
-              offload=args.offload, backend=args.backend, step_ms=round(ms, 3),
-              tokens_per_s=round(tokens / ms * 1e3, 1), overflow_rows=int(overflow),
+              offload=args.offload, backend=args.backend, **timed,
+              saved_activation_bytes_per_device=activations,
               **memory_record(compiled, jax.devices()[:devices]),
               card=jax.devices()[0].device_kind, jax=jax.__version__)
+
+
+def _concrete_layer_and_input(args, make, shape, tokens, x_sharding):
+  """The layer's (graphdef, state) and a random input [tokens, H] bf16 placed on
+  x_sharding; with --routing one_expert, a router that sends every token to expert 0."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  layer = make()
+  if args.routing == "one_expert":
+    router = np.zeros((shape["hidden"], shape["experts"]), np.float32)
+    router[:, 0] = 1.0
+    layer.router_kernel.set_value(jax.device_put(
+        jnp.asarray(router), layer.router_kernel.get_value().sharding))
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (tokens, shape["hidden"]), jnp.bfloat16)
+  if args.routing == "one_expert":
+    x = jnp.abs(x)
+  if x_sharding is not None:
+    x = jax.device_put(x, x_sharding)
+  return graphdef, state, x
 
 
 def run_share(args, layer_name: str, devices: int, capacity_factor: float) -> dict:
@@ -219,6 +272,7 @@ def run_share(args, layer_name: str, devices: int, capacity_factor: float) -> di
               capacity_factor=capacity_factor, rows=rows, routed_rows=routed,
               local_experts=local, H=shape["hidden"], F=shape["ffn"],
               offload=args.offload, backend=args.backend, step_ms=round(ms, 3),
+              saved_activation_bytes_per_device=saved_activation_bytes(loss, 1, state, x),
               **memory_record(compiled, jax.devices()[:1]),
               card=jax.devices()[0].device_kind, jax=jax.__version__)
 
@@ -260,7 +314,7 @@ def configurations(args, available: int) -> list[str]:
         out += [f"layer:{layer}:{devices}:{c}:{capacity_for(f, devices)}:{n}"
                 for c in args.collectives.split(",") for f in factors
                 for n in args.chunks.split(",")]
-  return out
+  return list(dict.fromkeys(out))  # 'old' may repeat a factor given (X = 2 and 2.0)
 
 
 def mib(x) -> str:
@@ -270,26 +324,32 @@ def mib(x) -> str:
 def table(records) -> str:
   """Markdown; memory and speed as ratios to X = 1 (layer) or to 'old' (share)."""
   head = ("| layer | X | collective | capacity factor | chunks | step ms | tokens/s per device "
-          "× X=1 | overflow rows (share: MLP rows) | XLA temp MiB/device | × X=1 | peak MiB/device (max) |")
-  lines = [head, "|" + "---|" * 11]
+          "× X=1 | overflow rows (share: MLP rows) | saved activations MiB/device | × X=1 "
+          "| XLA temp MiB/device | × X=1 | peak MiB/device (max) |")
+  lines = [head, "|" + "---|" * 13]
   base = {r["layer"]: r for r in records if r.get("devices") == 1 and "error" not in r
           and r.get("kind") == "layer"}
   for r in records:
     if "error" in r:
       lines.append(f"| {r['layer']} | {r['devices']} | {r['collective']} | "
-                   f"{r['capacity_factor']} | {r.get('chunks')} | failed | | | | | |")
+                   f"{r['capacity_factor']} | {r.get('chunks')} | failed | | | | | | | |")
       continue
     b = base.get(r["layer"])
     peaks = [p for p in r.get("peak_bytes_per_device", []) if p is not None]
-    per_device = (r["tokens_per_s"] / r["devices"]) if r["kind"] == "layer" else None
+    per_device = (r["tokens_per_s"] / r["devices"]
+                  if r["kind"] == "layer" and "tokens_per_s" in r else None)
     speed = (f"{per_device / b['tokens_per_s']:.2f}" if b and per_device else "-")
+    step = f"{r['step_ms']:.2f}" if "step_ms" in r else "-"
+    ratio = lambda key: (f"{r[key] / b[key]:.2f}" if b and r.get(key) and b.get(key)
+                         else "-")
     temp = r.get("temp_bytes")
-    mem = f"{temp / b['temp_bytes']:.2f}" if b and temp and b.get("temp_bytes") else "-"
+    saved = r.get("saved_activation_bytes_per_device")
     lines.append(
         f"| {r['layer']} | {r['devices']} | {r.get('collective', '-')} | "
         f"{r.get('capacity_factor') or '-'} | {r.get('chunks') or '-'} | "
-        f"{r['step_ms']:.2f} | {speed} | "
-        f"{r.get('overflow_rows', r.get('rows', '-'))} | {mib(temp)} | {mem} | "
+        f"{step} | {speed} | "
+        f"{r.get('overflow_rows', r.get('rows', '-'))} | {mib(saved)} | "
+        f"{ratio('saved_activation_bytes_per_device')} | {mib(temp)} | {ratio('temp_bytes')} | "
         f"{mib(max(peaks) if peaks else None)} |")
   return "\n".join(lines)
 
@@ -311,7 +371,7 @@ def main(argv=None):
     return
 
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-  if args.small:
+  if args.small or args.compile_only:
     available = SMALL_DEVICES
   else:
     import jax  # Only to count devices; the runs are in subprocesses.

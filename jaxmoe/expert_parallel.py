@@ -17,9 +17,10 @@ One exchange, two transports (`collective`):
 - "ragged": `jax.lax.ragged_all_to_all` moves exactly the routed rows (GPU, TPU);
 - "padded": `jax.lax.all_to_all` of a [X, C, ...] buffer, C rows per peer (any
   backend; XLA:CPU has no ragged-all-to-all in jax 0.11.2);
-- "auto": ragged on TPU, padded elsewhere. On 2 H100s (BENCHMARKS.md) XLA's
-  ragged-all-to-all made the training step 7.7x slower than the padded exchange
-  (56.5 vs 7.4 ms), so GPUs get "padded" until that changes.
+- "auto": ragged on TPU, padded elsewhere. On 2 H100s (with the earlier worst-case
+  buffers; benchmarks/results/experiments.json) XLA's ragged-all-to-all made the
+  training step 7.7x slower than the padded exchange (56.5 vs 7.4 ms), so GPUs get
+  "padded" until that changes.
 
 Bounded buffers, still dropless. A device holds R = t*k sorted rows. Counts go
 first: an all_gather of every device's [E] row counts (X*E int32) tells each device
@@ -44,10 +45,11 @@ rounds, run one after another. With `drop_overflow=True` only round 0 runs and t
 rows past C are dropped (their outputs are zeros), Switch-style. aux counts them:
 "overflow_rows" (rows computed in rounds >= 1) and "dropped_rows".
 
-Memory, as XLA compiles it (CPU, tests/test_expert_parallel.py): a step's
-temporaries per device stay within 1.3x from X=2 to X=8 at a fixed capacity factor
-and fixed tokens and experts per device, and grow with the factor; the old
-worst-case sizing (capacity_factor = X, one round) is 3.4x larger at X=8. When
+Memory: at a Mixtral-like and a DeepSeek-like layer (BENCHMARKS.md), the activations
+a device keeps for the backward are 1.19-1.20x one device's at every X from 2 to 8
+with the default capacity factor, against 6.3-6.6x at X=8 for the worst-case sizing
+(capacity_factor = X, one round); tests/test_expert_parallel.py checks that the
+compiled temporaries grow with the factor, not with X. When
 overflow rounds run, round 0's residuals and one overflow round's recomputation are
 live together in the backward pass, and each overflow round repeats its exchanges
 there (remat): rows past C cost time, not memory.

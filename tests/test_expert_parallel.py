@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxmoe
+from benchmarks import expert_parallel as expert_parallel_benchmark
 from cuda_lowering import H100
 from moe_training import regression_step
 from jaxmoe import expert_parallel
@@ -290,6 +291,33 @@ def test_step_memory_grows_with_capacity_factor_not_with_devices():
   assert _step_temp_bytes(8, 8.0) > 2.5 * eight
 
 
+def _saved_activation_bytes(num_peers: int | None, capacity_factor: float = 1.25) -> int:
+  """The activations per device that a training step's forward keeps for its
+  backward, 64 tokens and 2 experts per device (num_peers=None: one device, no mesh)."""
+  ep = {}
+  if num_peers is not None:
+    ep = dict(mesh=_mesh(str(num_peers))[0], data_axis=None, collective="padded",
+              capacity_factor=capacity_factor)
+  devices = num_peers or 1
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: jaxmoe.MoELayer(
+      32, 256, 2 * devices, K, backend="xla", offload_names=(), rngs=nnx.Rngs(0), **ep)))
+  sharding = jax.sharding.NamedSharding(ep["mesh"], P("expert")) if ep else None
+  x = jax.ShapeDtypeStruct((64 * devices, 32), jnp.bfloat16, sharding=sharding)
+  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x)[0].astype(jnp.float32) ** 2)
+  return expert_parallel_benchmark.saved_activation_bytes(loss, devices, state, x)
+
+
+@needs_mesh
+def test_saved_activations_per_device_stay_near_one_devices():
+  """At the default capacity factor the forward keeps <= 1.3x one device's
+  activations per device at X=2 and X=8 (the overflow rounds are rematerialised);
+  the worst-case sizing (capacity_factor=X) keeps about X times as many."""
+  one = _saved_activation_bytes(None)
+  for peers in (2, 8):
+    assert one < _saved_activation_bytes(peers) <= 1.3 * one, peers
+  assert _saved_activation_bytes(8, 8.0) > 4 * one
+
+
 @needs_mesh
 @pytest.mark.parametrize("placement,bitwise", [
     (dict(), True),  # The default: fc1_input and activation_input offloaded.
@@ -452,3 +480,4 @@ def test_gpu_path_lowers_for_h100_with_mosaic_kernels():
         lowering_platforms=("cuda",)).as_text()
   assert text.count("ragged_all_to_all") >= 6
   assert "mosaic_gpu" in text and "pinned_host" in text
+
