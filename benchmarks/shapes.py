@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# (M, K, N, G) of issue 3: Mixtral-like (G=8), fine-grained (G=64..256) experts.
+# (M, K, N, G): Mixtral-like (G=8), fine-grained (G=64..256) experts.
 SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (16384, 4096, 2048, 8),
     (16384, 2048, 4096, 8),
