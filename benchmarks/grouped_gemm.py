@@ -73,27 +73,28 @@ def jaxmoe_entries(x, w, gs, dy):
           _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
 
 
-def _fp8_ws_config(m: int) -> config_lib.Fp8GmmConfig:
-  """The warp-specialised FP8 config (two consumer warpgroups) with the deepest
-  pipeline that fits, as `config.fp8_gmm_config` picks the one-warpgroup one."""
-  block_m = 128 if m >= 128 * 8 else 64
+def _deepest_fp8_config(block_m: int, **fields) -> config_lib.Fp8GmmConfig:
+  """An FP8 config of block_m x 128 tiles with the deepest pipeline that fits, as
+  `config.fp8_gmm_config` picks the default one (block_n 64 if none does)."""
   for steps in (5, 4, 3, 2):
     try:
-      cfg = config_lib.Fp8GmmConfig(block_m, 128, steps, num_compute_wgs=2)
+      cfg = config_lib.Fp8GmmConfig(block_m, 128, steps, **fields)
     except ValueError:  # does not fit in shared memory
       continue
     if cfg.smem_bytes(1, 2) <= config_lib.SMEM_BYTES - 4096:
       return cfg
-  return config_lib.Fp8GmmConfig(block_m, 64, 2, num_compute_wgs=2)
+  return config_lib.Fp8GmmConfig(block_m, 64, 2, **fields)
 
 
 def fp8_entries(x, w, gs, dy):
   """FP8 entries (blockwise recipe, `quantize.py`): our FP8 kernel on operands
-  quantised beforehand (fwd, dgrad) with its default and its warp-specialised config,
-  fwd with x's quantisation included ("fwd+quant"), and XLA's dense e4m3 dot."""
+  quantised beforehand (fwd, dgrad) with its default config, its warp-specialised
+  one and overlapped promotion, fwd with x's quantisation included ("fwd+quant"),
+  and XLA's dense e4m3 dot."""
   xq, dyq, wq = quantize.quantize_rows(x), quantize.quantize_rows(dy), quantize.quantize_blocks(w)
   w_dgrad_scales = jnp.swapaxes(wq.scales, 1, 2)
-  ws = _fp8_ws_config(x.shape[0])
+  ws = _deepest_fp8_config(128 if x.shape[0] >= 128 * 8 else 64, num_compute_wgs=2)
+  overlap = _deepest_fp8_config(64, overlap_promotion=True)
   fwd = lambda cfg: jax.jit(lambda v, s, wv, wsc, gs: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))  # noqa: E731
 
   @jax.jit
@@ -109,6 +110,8 @@ def fp8_entries(x, w, gs, dy):
           _entry("dgrad", "jaxmoe_fp8", fwd(None), dgrad_args, 1),
           _entry("fwd", "jaxmoe_fp8_ws", fwd(ws), fwd_args, 1, ws),
           _entry("dgrad", "jaxmoe_fp8_ws", fwd(ws), dgrad_args, 1, ws),
+          _entry("fwd", "jaxmoe_fp8_overlap", fwd(overlap), fwd_args, 1, overlap),
+          _entry("dgrad", "jaxmoe_fp8_overlap", fwd(overlap), dgrad_args, 1, overlap),
           _entry("fwd+quant", "jaxmoe_fp8", fwd_quant, (x, wq.values_t, wq.scales, gs), 1),
           _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
 
@@ -194,7 +197,7 @@ def print_table(records) -> None:
   torch_dense), each pair timed in the same rounds of its own process."""
   by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
   impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm",
-           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "dense_fp8_xla")
+           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "jaxmoe_fp8_overlap", "dense_fp8_xla")
   print("\nTFLOP/s (ratio jaxmoe/dense; vs torch normalised by each process's dense)")
   print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
         + "  vs dense  vs torch")

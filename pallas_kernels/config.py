@@ -308,6 +308,10 @@ class Fp8GmmConfig(_ConsumerTiles):
       block_m x block_n halves of a block_m x (2*block_n) item (sharing its lhs
       tile), so that one's promotion can run beside the other's wgmma.
     epilogue_rows: rows of each consumer's staging buffer (None = block_m).
+    overlap_promotion: with one warpgroup, a pipeline step takes two K blocks
+      and promotes the first one's partial sum while the second one's wgmma
+      runs (two partial accumulators besides the sum, so block_m*block_n <=
+      64*128; K a multiple of 256). Not yet timed on a GPU.
   """
   block_m: int = 128
   block_n: int = 128
@@ -315,6 +319,7 @@ class Fp8GmmConfig(_ConsumerTiles):
   grid_block_n: int = 4
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
+  overlap_promotion: bool = False
   # What the shared gmm helpers read, fixed for this kernel.
   block_k = 128
   split_rows = False
@@ -328,20 +333,39 @@ class Fp8GmmConfig(_ConsumerTiles):
     if self.block_n not in (64, 128):
       raise ValueError(f"block_n={self.block_n} must be 64 or 128 (a divisor of the "
                        "128-column weight scale block).")
+    if self.overlap_promotion:
+      if self.num_compute_wgs != 1:
+        raise ValueError("overlap_promotion=True is a schedule of the one-warpgroup "
+                         "kernel (num_compute_wgs=1).")
+      self._check_accumulator_depth_and_band(
+          64 * 128, "64*128: with overlap_promotion the warpgroup holds three float32 "
+          "accumulators (the sum and two K blocks' partials)")
     self._check_accumulator_depth_and_band(
         128 * 128, "128*128: the warpgroup holds two float32 accumulators (the sum and "
         "a K block's partial)")
     self._check_consumers_and_epilogue(rows_multiple=8)
     self._check_fits(in_itemsize=1)
 
+  @property
+  def step_k(self) -> int:
+    """K columns a pipeline step loads: one scale block, two with overlap_promotion."""
+    return self.block_k * (2 if self.overlap_promotion else 1)
+
   def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
     """Pipeline stages (lhs and rhs tiles, float32 row scales) and the staging buffer."""
-    stage = ((self.block_m + self.cta_block_n) * self.block_k * in_itemsize
-             + self.block_m * 4)
+    blocks = self.step_k // self.block_k
+    stage = blocks * ((self.block_m + self.cta_block_n) * self.block_k * in_itemsize
+                      + self.block_m * 4)
     return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
 
-  # GmmConfig's check of a problem (pass in_itemsize=1), without chained items.
-  validate_for = GmmConfig.validate_for
+  def validate_for(self, k: int, n: int, in_itemsize: int = 1,
+                   out_itemsize: int = 2) -> None:
+    """GmmConfig's check of a problem, K in steps of step_k."""
+    GmmConfig.validate_for(self, k, n, in_itemsize, out_itemsize)
+    if k % self.step_k:
+      raise NotImplementedError(
+          f"K={k} is not a multiple of {self.step_k} (two 128-wide K blocks a step "
+          "with overlap_promotion=True).")
 
 
 def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> Fp8GmmConfig:

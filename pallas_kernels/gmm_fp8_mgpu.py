@@ -32,9 +32,12 @@ Design:
     `ws_pipeline`): a producer warpgroup loads, two consumer warpgroups take
     the left and right halves of a block_m x (2*block_n) item, so one's
     promotion can overlap the other's wgmma. On an H100 both run at 0.75-1.06x
-    our bf16 kernels, the warp-specialised one slower (BENCHMARKS.md); the
-    next schedule to try keeps one wgmma in flight while the previous K
-    block's partial sum is promoted (two partial accumulators, as DeepGEMM).
+    our bf16 kernels, the warp-specialised one slower (BENCHMARKS.md).
+  * config.overlap_promotion=True (one warpgroup, `_overlapped_mainloop`, not
+    yet timed): two K blocks a step, the first block's promotion under the
+    second block's wgmma. Hiding every promotion would carry a partial
+    accumulator across steps and zero it by a store, which the Pallas GPU
+    interpreter cannot run (so it could not be tested on a CPU).
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ def _row_scales_spec(cfg, **kwargs):
 def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cfg):
   """sum over K blocks kb of (lhs[rows, kb] @ rhs[n-tile, kb].T) * row scales * block
   scale, float32 [block_m, block_n] in the WGMMA layout (rhs: one group's [N, K])."""
+  if cfg.overlap_promotion:
+    return _overlapped_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem,
+                                where, cfg=cfg)
   bm, bn = cfg.block_m, cfg.block_n
   n_tile, tile_row0 = where["n_tile"], where["tile_row0"]
   scale_col = n_tile * bn // BLOCK_K
@@ -158,6 +164,47 @@ def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cf
       max_concurrent_steps=cfg.max_concurrent_steps,
       init_carry=_zeros(cfg),
   )(gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm), rhs_gmem,
+    _scale_rows(lhs_scales_gmem, tile_row0, bm))
+
+
+def _overlapped_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *,
+                         cfg):
+  """`_mainloop` with half of the promotions under a wgmma: a pipeline step takes
+  K blocks 2j and 2j+1 into fresh partial accumulators p0 and p1, issues both
+  wgmmas, promotes p0 while p1's runs (awaiting all but the newest), then p1.
+  The tensor core idles only during p1's promotion."""
+  bm, bn = cfg.block_m, cfg.block_n
+  n_tile, tile_row0 = where["n_tile"], where["tile_row0"]
+  scale_col = n_tile * bn // BLOCK_K
+  shape = (bm, bn)
+
+  def step(indices, lhs0, lhs1, rhs0, rhs1, row_scales_smem, acc):
+    (j,) = indices
+
+    def scaled(partial, half):
+      row_scales = plgpu.load(row_scales_smem.at[half], layout=srelu_mgpu.ROW_LAYOUT)
+      block_scale = rhs_scales_gmem[2 * j + half, scale_col]
+      return partial * lax.broadcast_in_dim(row_scales * block_scale, shape, [0])
+
+    def partials(p0, p1):
+      plgpu.wgmma(p0, lhs0, rhs0.T)
+      plgpu.wgmma(p1, lhs1, rhs1.T)
+      first = acc + scaled(plgpu.wgmma_accumulator_load(p0, wait_n=1), 0)
+      return first + scaled(plgpu.wgmma_accumulator_load(p1, wait_n=0), 1)
+
+    return pl.run_scoped(partials, plgpu.ACC(shape), plgpu.ACC(shape))
+
+  def tile_spec(rows, row_block, half):
+    return plgpu.BlockSpec((rows, BLOCK_K), lambda j: (row_block, 2 * j + half))
+
+  return plgpu.emit_pipeline(
+      step,
+      grid=(lhs_gmem.shape[1] // cfg.step_k,),
+      in_specs=[tile_spec(bm, 0, 0), tile_spec(bm, 0, 1), tile_spec(bn, n_tile, 0),
+                tile_spec(bn, n_tile, 1), plgpu.BlockSpec((2, bm), lambda j: (j, 0))],
+      max_concurrent_steps=cfg.max_concurrent_steps,
+      init_carry=_zeros(cfg),
+  )(*[gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm)] * 2, rhs_gmem, rhs_gmem,
     _scale_rows(lhs_scales_gmem, tile_row0, bm))
 
 

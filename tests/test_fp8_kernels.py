@@ -71,6 +71,8 @@ def _reference(lhs_values, lhs_scales, rhs_values, rhs_scales, sizes):
 SMALL = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2)
 WS = config_lib.Fp8GmmConfig(block_m=64, block_n=64, max_concurrent_steps=2,
                              num_compute_wgs=2)
+OVERLAP = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2,
+                                  overlap_promotion=True)
 CASES = [
     # (M, K, N, group_sizes, out dtype, config, dgrad)
     (256, 256, 256, [50, 0, 131, 75], jnp.float32, None, False),  # an empty group
@@ -91,6 +93,10 @@ CASES = [
      config_lib.Fp8GmmConfig(block_m=128, block_n=128, max_concurrent_steps=2,
                              num_compute_wgs=2, epilogue_rows=64), False),
     (256, 128, 128, [0, 0, 0], jnp.bfloat16, WS, False),
+    # One warpgroup, each K block promoted under the next block's wgmma.
+    (256, 512, 256, [50, 0, 131, 75], jnp.float32, OVERLAP, False),
+    (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, OVERLAP, True),
+    (40, 256, 128, [3, 30], jnp.float32, OVERLAP, False),
 ]
 
 
@@ -148,6 +154,11 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2)),
     (16384, 1024, 4096, 64, jnp.float32,
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2, epilogue_rows=64)),
+    # Overlapped promotion: two K blocks a step.
+    (16384, 4096, 2048, 8, jnp.bfloat16,
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, overlap_promotion=True)),
+    (16384, 1024, 4096, 64, jnp.float32,
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3, overlap_promotion=True)),
 ])
 def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
   text = _lower(m, k, n, g, out_dtype, cfg)
@@ -158,6 +169,9 @@ def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
   assert wgmmas and all(w.endswith(".f32.e4m3.e4m3") for w in wgmmas), wgmmas
   # The operands go in as the quantisers laid them out: no XLA transpose.
   assert "stablehlo.transpose" not in text
+  # Overlapped promotion reads the first partial with the second wgmma in flight.
+  waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d)", text))
+  assert waits == ({"0", "1"} if cfg is not None and cfg.overlap_promotion else {"0"}), waits
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -199,6 +213,17 @@ def test_fp8_config_validates_itself():
         1024, 384, 1, 2)
   with pytest.raises(ValueError, match="shared memory"):
     config_lib.Fp8GmmConfig(max_concurrent_steps=8)
+  with pytest.raises(ValueError, match="three float32 accumulators"):
+    config_lib.Fp8GmmConfig(overlap_promotion=True)  # 128x128 tiles
+  with pytest.raises(ValueError, match="one-warpgroup"):
+    config_lib.Fp8GmmConfig(block_m=64, block_n=64, num_compute_wgs=2,
+                            overlap_promotion=True)
+  overlap = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3,
+                                    overlap_promotion=True)
+  assert overlap.step_k == 256
+  assert overlap.smem_bytes(1, 2) == 3 * 2 * (192 * 128 + 256) + 64 * 128 * 2
+  with pytest.raises(NotImplementedError, match="K=384 is not a multiple of 256"):
+    overlap.validate_for(384, 256, 1, 2)
   cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, 8)
   assert (cfg.block_m, cfg.block_n, cfg.block_k) == (128, 128, 128)
   assert cfg.smem_bytes(1, 2) == cfg.max_concurrent_steps * (256 * 128 + 512) + 128 * 128 * 2
@@ -214,7 +239,7 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws"], ids=["default", "ws"])
+@pytest.mark.parametrize("cfg", [None, "ws", "overlap"], ids=["default", "ws", "overlap"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -230,6 +255,8 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   if cfg == "ws":
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2,
                                   epilogue_rows=64 if out_dtype == jnp.float32 else None)
+  elif cfg == "overlap":
+    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, overlap_promotion=True)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
       xq.values, xq.scales, rhs, rhs_scales, gs)
   out = np.asarray(out.astype(jnp.float32))
