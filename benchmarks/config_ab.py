@@ -1,4 +1,4 @@
-"""Same-process A/B of kernel config variants on issue 3's shapes (on an H100).
+"""Same-process A/B of kernel config variants at the benchmark shapes (on an H100).
 
 Each variant is the default config of a pass (`config.gmm_config` / `tgmm_config`
 for the shape) with some fields replaced; all variants of a shape and pass, and

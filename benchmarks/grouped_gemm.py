@@ -1,4 +1,4 @@
-"""Grouped GEMM benchmark: jaxmoe's Mosaic GPU kernels against the anchors of issue 3.
+"""Grouped GEMM benchmark: our Mosaic GPU kernels against dense matmul and grouped GEMMs.
 
 Anchors: a dense matmul of the same FLOPs, `jax.lax.ragged_dot`, JAX's
 `ragged_dot_mgpu` (a small config sweep, only up to G=64: it unrolls a loop over

@@ -36,7 +36,7 @@ import jaxmoe  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "grouped_mlp.json")
-# (tokens * top_k, H, F, G) of issue 4.
+# (tokens * top_k, H, F, G) of the expert MLP benchmark.
 SHAPES = ((16384, 4096, 2048, 8), (16384, 4096, 1024, 64), (32768, 7168, 2048, 256))
 
 

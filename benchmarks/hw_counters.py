@@ -1,4 +1,4 @@
-"""Hardware counters of the grouped GEMM kernels on issue 3's shapes (Nsight Compute).
+"""Hardware counters of the grouped GEMM kernels at the benchmark shapes (Nsight Compute).
 
 The timed benchmarks say how fast a pass runs; this says what the GPU did while it
 ran. Per kernel: its duration, the DRAM bytes it read and wrote against the fewest

@@ -1,4 +1,4 @@
-"""How close issue 3's targets are to the H100's memory roofline.
+"""How close the grouped GEMM targets are to the H100's memory roofline.
 
 A grouped GEMM pass must at least read its two operands and write its result
 once: bytes = 2 * (M*K + G*K*N + M*N) for bf16, the same for fwd, dgrad and
