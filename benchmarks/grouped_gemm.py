@@ -73,19 +73,6 @@ def jaxmoe_entries(x, w, gs, dy):
           _entry("fwd+bwd", "jaxmoe", fwd_bwd, (x, w, gs, dy), 3)]
 
 
-def _deepest_fp8_config(block_m: int, **fields) -> config_lib.Fp8GmmConfig:
-  """An FP8 config of block_m x 128 tiles with the deepest pipeline that fits, as
-  `config.fp8_gmm_config` picks the default one (block_n 64 if none does)."""
-  for steps in (5, 4, 3, 2):
-    try:
-      cfg = config_lib.Fp8GmmConfig(block_m, 128, steps, **fields)
-    except ValueError:  # does not fit in shared memory
-      continue
-    if cfg.smem_bytes(1, 2) <= config_lib.SMEM_BYTES - 4096:
-      return cfg
-  return config_lib.Fp8GmmConfig(block_m, 64, 2, **fields)
-
-
 def fp8_entries(x, w, gs, dy):
   """FP8 entries (blockwise recipe, `quantize.py`): our FP8 kernel on operands
   quantised beforehand (fwd, dgrad) with its default config, its warp-specialised
@@ -93,8 +80,9 @@ def fp8_entries(x, w, gs, dy):
   and XLA's dense e4m3 dot."""
   xq, dyq, wq = quantize.quantize_rows(x), quantize.quantize_rows(dy), quantize.quantize_blocks(w)
   w_dgrad_scales = jnp.swapaxes(wq.scales, 1, 2)
-  ws = _deepest_fp8_config(128 if x.shape[0] >= 128 * 8 else 64, num_compute_wgs=2)
-  overlap = _deepest_fp8_config(64, overlap_promotion=True)
+  (m, k), n, g = x.shape, w.shape[2], w.shape[0]
+  ws = config_lib.fp8_gmm_config(m, k, n, g, num_compute_wgs=2)
+  overlap = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, overlap_promotion=True)
   fwd = lambda cfg: jax.jit(lambda v, s, wv, wsc, gs: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))  # noqa: E731
 
   @jax.jit

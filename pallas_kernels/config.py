@@ -368,18 +368,27 @@ class Fp8GmmConfig(_ConsumerTiles):
           "with overlap_promotion=True).")
 
 
-def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2) -> Fp8GmmConfig:
+def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
+                   block_m: int | None = None, **fields) -> Fp8GmmConfig:
   """The config `gmm_fp8_mgpu` runs by default (no tuning yet): 128x128 tiles
   (64-row ones for small M) and the deepest pipeline, up to 6 stages, that fits
   with 4 KiB to spare (barriers, and the 1 KiB alignment of the swizzled tiles
-  next to the 512-byte row-scale buffers)."""
+  next to the 512-byte row-scale buffers); 64 columns in 2 stages if none does.
+
+  block_m and other Fp8GmmConfig fields (e.g. num_compute_wgs=2) pick a variant,
+  deepened the same way.
+  """
   del k, n, g
-  block_m = 128 if m >= 128 * 8 else 64
+  if block_m is None:
+    block_m = 128 if m >= 128 * 8 else 64
   for steps in (6, 5, 4, 3, 2):
-    cfg = Fp8GmmConfig(block_m, 128, steps)
+    try:
+      cfg = Fp8GmmConfig(block_m, 128, steps, **fields)
+    except ValueError:  # does not fit in shared memory
+      continue
     if cfg.smem_bytes(1, out_itemsize) <= SMEM_BYTES - 4096:
       return cfg
-  return Fp8GmmConfig(block_m, 64, 2)
+  return Fp8GmmConfig(block_m, 64, 2, **fields)
 
 
 _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,

@@ -124,8 +124,13 @@ def _promote(acc, lhs_smem, rhs_smem, row_scales_smem, block_scale):
     return partial_ref[...]  # awaits the wgmma
 
   partial = pl.run_scoped(partial_scope, plgpu.ACC(shape))
-  row_scales = plgpu.load(row_scales_smem.at[0], layout=srelu_mgpu.ROW_LAYOUT)
-  return acc + partial * lax.broadcast_in_dim(row_scales * block_scale, shape, [0])
+  return acc + _scaled(partial, row_scales_smem.at[0], block_scale)
+
+
+def _scaled(partial, row_scales_smem, block_scale):
+  """partial [block_m, block_n] * row scales [block_m] (smem) * the block's scale."""
+  row_scales = plgpu.load(row_scales_smem, layout=srelu_mgpu.ROW_LAYOUT)
+  return partial * lax.broadcast_in_dim(row_scales * block_scale, partial.shape, [0])
 
 
 def _zeros(cfg):
@@ -182,9 +187,8 @@ def _overlapped_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, w
     (j,) = indices
 
     def scaled(partial, half):
-      row_scales = plgpu.load(row_scales_smem.at[half], layout=srelu_mgpu.ROW_LAYOUT)
-      block_scale = rhs_scales_gmem[2 * j + half, scale_col]
-      return partial * lax.broadcast_in_dim(row_scales * block_scale, shape, [0])
+      return _scaled(partial, row_scales_smem.at[half],
+                     rhs_scales_gmem[2 * j + half, scale_col])
 
     def partials(p0, p1):
       plgpu.wgmma(p0, lhs0, rhs0.T)

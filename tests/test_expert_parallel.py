@@ -260,21 +260,26 @@ def test_drop_overflow_drops_and_counts_the_rows_past_capacity():
   assert not np.allclose(y1[~whole], y0[~whole], atol=1e-3)
 
 
+def _weak_scaling_step(num_peers: int | None, capacity_factor: float, dtype):
+  """(loss, abstract state, abstract x) of a training step at 64 tokens and 2
+  experts per device on expert=num_peers (None: one device, no mesh), all
+  residuals on device; loss = sum(y**2) in float32."""
+  ep, devices = {}, num_peers or 1
+  if num_peers is not None:
+    ep = dict(mesh=_mesh(str(num_peers))[0], data_axis=None, collective="padded",
+              capacity_factor=capacity_factor)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: jaxmoe.MoELayer(
+      32, 256, 2 * devices, K, dtype=dtype, backend="xla", offload_names=(),
+      rngs=nnx.Rngs(0), **ep)))
+  sharding = jax.sharding.NamedSharding(ep["mesh"], P("expert")) if ep else None
+  x = jax.ShapeDtypeStruct((64 * devices, 32), dtype, sharding=sharding)
+  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x)[0].astype(jnp.float32) ** 2)
+  return loss, state, x
+
+
 def _step_temp_bytes(num_peers: int, capacity_factor: float) -> int:
-  """XLA's temporaries per device of a compiled training step on expert=num_peers,
-  64 tokens and 2 experts per device (weak scaling), all residuals on device."""
-  mesh, _ = _mesh(str(num_peers))
-  layer = jaxmoe.MoELayer(32, 256, 2 * num_peers, K, dtype=jnp.float32, backend="xla",
-                          mesh=mesh, data_axis=None, collective="padded",
-                          capacity_factor=capacity_factor, offload_names=(),
-                          rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(layer)
-
-  def loss(state, x):
-    return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
-
-  sharding = jax.sharding.NamedSharding(mesh, P("expert"))
-  x = jax.ShapeDtypeStruct((64 * num_peers, 32), jnp.float32, sharding=sharding)
+  """XLA's temporaries per device of the compiled float32 step (_weak_scaling_step)."""
+  loss, state, x = _weak_scaling_step(num_peers, capacity_factor, jnp.float32)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -292,19 +297,10 @@ def test_step_memory_grows_with_capacity_factor_not_with_devices():
 
 
 def _saved_activation_bytes(num_peers: int | None, capacity_factor: float = 1.25) -> int:
-  """The activations per device that a training step's forward keeps for its
-  backward, 64 tokens and 2 experts per device (num_peers=None: one device, no mesh)."""
-  ep = {}
-  if num_peers is not None:
-    ep = dict(mesh=_mesh(str(num_peers))[0], data_axis=None, collective="padded",
-              capacity_factor=capacity_factor)
-  devices = num_peers or 1
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: jaxmoe.MoELayer(
-      32, 256, 2 * devices, K, backend="xla", offload_names=(), rngs=nnx.Rngs(0), **ep)))
-  sharding = jax.sharding.NamedSharding(ep["mesh"], P("expert")) if ep else None
-  x = jax.ShapeDtypeStruct((64 * devices, 32), jnp.bfloat16, sharding=sharding)
-  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x)[0].astype(jnp.float32) ** 2)
-  return expert_parallel_benchmark.saved_activation_bytes(loss, devices, state, x)
+  """The activations per device that the bf16 step's forward (_weak_scaling_step)
+  keeps for its backward."""
+  loss, state, x = _weak_scaling_step(num_peers, capacity_factor, jnp.bfloat16)
+  return expert_parallel_benchmark.saved_activation_bytes(loss, num_peers or 1, state, x)
 
 
 @needs_mesh
@@ -480,4 +476,3 @@ def test_gpu_path_lowers_for_h100_with_mosaic_kernels():
         lowering_platforms=("cuda",)).as_text()
   assert text.count("ragged_all_to_all") >= 6
   assert "mosaic_gpu" in text and "pinned_host" in text
-
