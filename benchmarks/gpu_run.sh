@@ -2,6 +2,7 @@
 # GPU tests and benchmarks, a section or two per device call (a device call runs 600 s at most):
 #   bash benchmarks/gpu_run.sh [SECTION ...]
 #   sections: kernel_tests tests demo mlp gemm offload counters autotune
+#             contract_tests fp8_tests fp8_gemm fp8_mlp autotune_check
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_run_out.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -42,5 +43,17 @@ for s in $sections; do case $s in
     # Block configs for this card; copy the cache into pallas_kernels/tuned_configs/ to ship it.
     run autotune 590 python -m pallas_kernels.autotune --budget-s 480 --skip-cached \
       --out "$out/tuned_configs.json" --report "$out/autotune_report.json" ;;
+  contract_tests) run gpu_contract_tests 300 python -m pytest -m gpu tests/test_input_contract.py \
+    -q -x -p no:cacheprovider -rfE --durations=5 ;;
+  fp8_tests) run gpu_fp8_tests 400 python -m pytest -m gpu tests/test_fp8_kernels.py \
+    -q -x -p no:cacheprovider -rfE --durations=5 ;;
+  fp8_gemm) run grouped_gemm_fp8 560 python benchmarks/grouped_gemm.py --fp8 --anchors dense \
+    --no-torch --out "$out/grouped_gemm_fp8.json" --log "$out/gemm_fp8.log" ;;
+  fp8_mlp) run fp8_mlp_check 200 python benchmarks/fp8_mlp_check.py ;;
+  autotune_check)
+    # The default config against the sweep's best at token counts nobody tuned.
+    run autotune_check 560 python -m pallas_kernels.autotune --check --tokens 1536,6144 \
+      --models "${AUTOTUNE_MODELS:-mixtral-8x7b,deepseek-v3,qwen3-30b-a3b,olmoe-1b-7b}" \
+      --budget-s "${AUTOTUNE_BUDGET_S:-480}" --report "$out/autotune_check.json" ;;
   *) echo "unknown section $s" ;;
 esac; done

@@ -82,7 +82,8 @@ def fp8_entries(x, w, gs, dy):
   w_dgrad_scales = jnp.swapaxes(wq.scales, 1, 2)
   (m, k), n, g = x.shape, w.shape[2], w.shape[0]
   ws = config_lib.fp8_gmm_config(m, k, n, g, num_compute_wgs=2)
-  overlap = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, overlap_promotion=True)
+  overlap = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, promotion="pairs")
+  carried = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, promotion="carried")
   fwd = lambda cfg: jax.jit(lambda v, s, wv, wsc, gs: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))  # noqa: E731
 
   @jax.jit
@@ -100,6 +101,8 @@ def fp8_entries(x, w, gs, dy):
           _entry("dgrad", "jaxmoe_fp8_ws", fwd(ws), dgrad_args, 1, ws),
           _entry("fwd", "jaxmoe_fp8_overlap", fwd(overlap), fwd_args, 1, overlap),
           _entry("dgrad", "jaxmoe_fp8_overlap", fwd(overlap), dgrad_args, 1, overlap),
+          _entry("fwd", "jaxmoe_fp8_carried", fwd(carried), fwd_args, 1, carried),
+          _entry("dgrad", "jaxmoe_fp8_carried", fwd(carried), dgrad_args, 1, carried),
           _entry("fwd+quant", "jaxmoe_fp8", fwd_quant, (x, wq.values_t, wq.scales, gs), 1),
           _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
 
@@ -185,7 +188,7 @@ def print_table(records) -> None:
   torch_dense), each pair timed in the same rounds of its own process."""
   by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
   impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm",
-           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "jaxmoe_fp8_overlap", "dense_fp8_xla")
+           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "jaxmoe_fp8_overlap", "jaxmoe_fp8_carried", "dense_fp8_xla")
   print("\nTFLOP/s (ratio jaxmoe/dense; vs torch normalised by each process's dense)")
   print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
         + "  vs dense  vs torch")
@@ -206,6 +209,8 @@ def print_table(records) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="first two shapes only")
+  parser.add_argument("--shapes", default=None,
+                      help="comma-separated indices into shapes.SHAPES (default: all)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--anchors", choices=("all", "dense", "none"), default="all")
   parser.add_argument("--fp8", action="store_true", help="add the FP8 rows (fp8_entries)")
@@ -220,7 +225,10 @@ def main() -> None:
       print(msg, file=log_file, flush=True)
 
   records = []
-  for m, k, n, g in SHAPES[:2] if args.quick else SHAPES:
+  shapes = SHAPES[:2] if args.quick else SHAPES
+  if args.shapes is not None:
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+  for m, k, n, g in shapes:
     keys = jax.random.split(jax.random.key(m + k + n + g), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)

@@ -291,6 +291,10 @@ class TgmmConfig(_ConsumerTiles):
     _check_cta_n(self, n)
 
 
+# Fp8GmmConfig.promotion: when a K block's FP8 partial sum is scaled into the sum.
+PROMOTIONS = ("serial", "pairs", "carried")
+
+
 @dataclasses.dataclass(frozen=True)
 class Fp8GmmConfig(_ConsumerTiles):
   """Tiling of `gmm_fp8_mgpu`: out [M, N] in block_m x block_n tiles per consumer
@@ -308,10 +312,14 @@ class Fp8GmmConfig(_ConsumerTiles):
       block_m x block_n halves of a block_m x (2*block_n) item (sharing its lhs
       tile), so that one's promotion can run beside the other's wgmma.
     epilogue_rows: rows of each consumer's staging buffer (None = block_m).
-    overlap_promotion: with one warpgroup, a pipeline step takes two K blocks
-      and promotes the first one's partial sum while the second one's wgmma
-      runs (two partial accumulators besides the sum, so block_m*block_n <=
-      64*128; K a multiple of 256). Not yet timed on a GPU.
+    promotion: when the one-warpgroup kernel promotes each K block's partial
+      sum (ignored with two warpgroups). "serial": one K block a step, its wgmma
+      awaited before the promotion, so the tensor core idles meanwhile.
+      "pairs": two K blocks a step, the first one promoted under the second
+      one's wgmma. "carried": two K blocks a step with the partial accumulators
+      kept across steps, every promotion under the next block's wgmma. Both
+      two-block schedules hold two partial accumulators besides the sum
+      (block_m*block_n <= 64*128) and need K a multiple of 256.
   """
   block_m: int = 128
   block_n: int = 128
@@ -319,7 +327,7 @@ class Fp8GmmConfig(_ConsumerTiles):
   grid_block_n: int = 4
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
-  overlap_promotion: bool = False
+  promotion: str = "serial"
   # What the shared gmm helpers read, fixed for this kernel.
   block_k = 128
   split_rows = False
@@ -333,13 +341,15 @@ class Fp8GmmConfig(_ConsumerTiles):
     if self.block_n not in (64, 128):
       raise ValueError(f"block_n={self.block_n} must be 64 or 128 (a divisor of the "
                        "128-column weight scale block).")
-    if self.overlap_promotion:
+    if self.promotion not in PROMOTIONS:
+      raise ValueError(f"promotion={self.promotion!r} must be one of {PROMOTIONS}.")
+    if self.promotion != "serial":
       if self.num_compute_wgs != 1:
-        raise ValueError("overlap_promotion=True is a schedule of the one-warpgroup "
-                         "kernel (num_compute_wgs=1).")
+        raise ValueError(f"promotion={self.promotion!r} is a schedule of the "
+                         "one-warpgroup kernel (num_compute_wgs=1).")
       self._check_accumulator_depth_and_band(
-          64 * 128, "64*128: with overlap_promotion the warpgroup holds three float32 "
-          "accumulators (the sum and two K blocks' partials)")
+          64 * 128, f"64*128: with promotion={self.promotion!r} the warpgroup holds "
+          "three float32 accumulators (the sum and two K blocks' partials)")
     self._check_accumulator_depth_and_band(
         128 * 128, "128*128: the warpgroup holds two float32 accumulators (the sum and "
         "a K block's partial)")
@@ -348,8 +358,9 @@ class Fp8GmmConfig(_ConsumerTiles):
 
   @property
   def step_k(self) -> int:
-    """K columns a pipeline step loads: one scale block, two with overlap_promotion."""
-    return self.block_k * (2 if self.overlap_promotion else 1)
+    """K columns a pipeline step loads: one scale block, two with a two-block
+    promotion schedule."""
+    return self.block_k * (1 if self.promotion == "serial" else 2)
 
   def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
     """Pipeline stages (lhs and rhs tiles, float32 row scales) and the staging buffer."""
@@ -365,7 +376,7 @@ class Fp8GmmConfig(_ConsumerTiles):
     if k % self.step_k:
       raise NotImplementedError(
           f"K={k} is not a multiple of {self.step_k} (two 128-wide K blocks a step "
-          "with overlap_promotion=True).")
+          f"with promotion={self.promotion!r}).")
 
 
 def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,

@@ -5,6 +5,7 @@ checked to be e4m3 x e4m3."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -71,8 +72,9 @@ def _reference(lhs_values, lhs_scales, rhs_values, rhs_scales, sizes):
 SMALL = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2)
 WS = config_lib.Fp8GmmConfig(block_m=64, block_n=64, max_concurrent_steps=2,
                              num_compute_wgs=2)
-OVERLAP = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2,
-                                  overlap_promotion=True)
+PAIRS = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2,
+                                  promotion="pairs")
+CARRIED = dataclasses.replace(PAIRS, promotion="carried")
 CASES = [
     # (M, K, N, group_sizes, out dtype, config, dgrad)
     (256, 256, 256, [50, 0, 131, 75], jnp.float32, None, False),  # an empty group
@@ -94,9 +96,13 @@ CASES = [
                              num_compute_wgs=2, epilogue_rows=64), False),
     (256, 128, 128, [0, 0, 0], jnp.bfloat16, WS, False),
     # One warpgroup, each K block promoted under the next block's wgmma.
-    (256, 512, 256, [50, 0, 131, 75], jnp.float32, OVERLAP, False),
-    (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, OVERLAP, True),
-    (40, 256, 128, [3, 30], jnp.float32, OVERLAP, False),
+    (256, 512, 256, [50, 0, 131, 75], jnp.float32, PAIRS, False),
+    (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, PAIRS, True),
+    (40, 256, 128, [3, 30], jnp.float32, PAIRS, False),
+    # Partial sums carried across steps: every promotion under a later wgmma.
+    (256, 512, 256, [50, 0, 131, 75], jnp.float32, CARRIED, False),
+    (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, CARRIED, True),
+    (40, 768, 128, [3, 30], jnp.float32, CARRIED, False),
 ]
 
 
@@ -156,9 +162,12 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2, epilogue_rows=64)),
     # Overlapped promotion: two K blocks a step.
     (16384, 4096, 2048, 8, jnp.bfloat16,
-     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, overlap_promotion=True)),
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")),
     (16384, 1024, 4096, 64, jnp.float32,
-     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3, overlap_promotion=True)),
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3, promotion="pairs")),
+    (16384, 4096, 2048, 8, jnp.bfloat16,
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4,
+                             promotion="carried")),
 ])
 def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
   text = _lower(m, k, n, g, out_dtype, cfg)
@@ -171,7 +180,7 @@ def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
   assert "stablehlo.transpose" not in text
   # Overlapped promotion reads the first partial with the second wgmma in flight.
   waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d)", text))
-  assert waits == ({"0", "1"} if cfg is not None and cfg.overlap_promotion else {"0"}), waits
+  assert waits == ({"0", "1"} if cfg is not None and cfg.promotion != "serial" else {"0"}), waits
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -214,12 +223,14 @@ def test_fp8_config_validates_itself():
   with pytest.raises(ValueError, match="shared memory"):
     config_lib.Fp8GmmConfig(max_concurrent_steps=8)
   with pytest.raises(ValueError, match="three float32 accumulators"):
-    config_lib.Fp8GmmConfig(overlap_promotion=True)  # 128x128 tiles
+    config_lib.Fp8GmmConfig(promotion="pairs")  # 128x128 tiles
+  with pytest.raises(ValueError, match="must be one of"):
+    config_lib.Fp8GmmConfig(block_m=64, promotion="overlap")
   with pytest.raises(ValueError, match="one-warpgroup"):
     config_lib.Fp8GmmConfig(block_m=64, block_n=64, num_compute_wgs=2,
-                            overlap_promotion=True)
+                            promotion="pairs")
   overlap = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3,
-                                    overlap_promotion=True)
+                                    promotion="pairs")
   assert overlap.step_k == 256
   assert overlap.smem_bytes(1, 2) == 3 * 2 * (192 * 128 + 256) + 64 * 128 * 2
   with pytest.raises(NotImplementedError, match="K=384 is not a multiple of 256"):
@@ -239,7 +250,7 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws", "overlap"], ids=["default", "ws", "overlap"])
+@pytest.mark.parametrize("cfg", [None, "ws", "pairs", "carried"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -255,8 +266,8 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   if cfg == "ws":
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2,
                                   epilogue_rows=64 if out_dtype == jnp.float32 else None)
-  elif cfg == "overlap":
-    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, overlap_promotion=True)
+  elif cfg in ("pairs", "carried"):
+    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion=cfg)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
       xq.values, xq.scales, rhs, rhs_scales, gs)
   out = np.asarray(out.astype(jnp.float32))

@@ -61,8 +61,7 @@ def _valid_rows(group_sizes) -> int:
   return int(np.sum(group_sizes))
 
 
-@pytest.mark.parametrize("m, k, n, group_sizes, transpose_rhs", GEMM_CASES)
-def test_gmm_and_its_gradient(m, k, n, group_sizes, transpose_rhs):
+def _check_gemm_and_its_gradient(m, k, n, group_sizes, transpose_rhs, backend):
   """gmm forward, and its VJP: gmm with transpose_rhs flipped (dlhs) and tgmm (drhs)."""
   rng = np.random.default_rng(m + k + n + transpose_rhs)
   gs = jnp.asarray(group_sizes, jnp.int32)
@@ -70,7 +69,7 @@ def test_gmm_and_its_gradient(m, k, n, group_sizes, transpose_rhs):
   rhs = _normal(rng, (len(group_sizes), n, k) if transpose_rhs else
                 (len(group_sizes), k, n), k**-0.5)
   out, vjp = jax.vjp(lambda a, b: pallas_kernels.gmm(
-      a, b, gs, transpose_rhs=transpose_rhs, backend="interpret"), lhs, rhs)
+      a, b, gs, transpose_rhs=transpose_rhs, backend=backend), lhs, rhs)
   dout = _normal(rng, out.shape)
   dlhs, drhs = vjp(dout)
   ref.assert_close(out, ref.gmm(lhs, rhs, group_sizes, transpose_rhs), TOL, "out")
@@ -82,6 +81,11 @@ def test_gmm_and_its_gradient(m, k, n, group_sizes, transpose_rhs):
                    "drhs")
   valid = _valid_rows(group_sizes)
   assert not np.any(np.float32(out[valid:])) and not np.any(np.float32(dlhs[valid:]))
+
+
+@pytest.mark.parametrize("m, k, n, group_sizes, transpose_rhs", GEMM_CASES)
+def test_gmm_and_its_gradient(m, k, n, group_sizes, transpose_rhs):
+  _check_gemm_and_its_gradient(m, k, n, group_sizes, transpose_rhs, "interpret")
 
 
 def test_tgmm_and_its_gradient():
@@ -236,3 +240,34 @@ def test_mlp_sizes_not_multiples_of_64_are_value_errors(fused):
     jaxmoe.grouped_mlp(x, w1, w2, gs, p, backend="interpret", fused=fused)
   with pytest.raises(ValueError, match="F=96 is not a multiple of 64"):
     activation.scaled_srelu(jnp.zeros((64, 96), jnp.bfloat16), p, backend="interpret")
+
+
+# On an H100, at enough rows for the heuristics' 128-row tiles: (M, K, N, group sizes).
+GPU_GEMM_CASES = [
+    (LARGE_M, 448, 192, [600, 0, 900, 300], False),
+    (LARGE_M, 64, 320, [0, 1900], True),
+    (LARGE_M + 64, 192, 576, [LARGE_M + 64], False),
+    (LARGE_M, 960, 704, [500, 13, 0, 1400], True),
+]
+GPU_MLP_CASES = [
+    (LARGE_M, 448, 576, [600, 0, 900, 300], True),
+    (LARGE_M, 448, 576, [600, 0, 900, 300], False),
+    (LARGE_M, 192, 320, [0, 1999], True),
+    (LARGE_M, 704, 192, [1000, 0, 1, 1000], False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n, group_sizes, transpose_rhs", GPU_GEMM_CASES)
+def test_gmm_and_its_gradient_on_gpu(m, k, n, group_sizes, transpose_rhs):
+  """The compiled kernels, where shared memory and TMA limits are checked."""
+  _check_gemm_and_its_gradient(m, k, n, group_sizes, transpose_rhs, "mosaic_gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, hidden, ffn, group_sizes, fused", GPU_MLP_CASES)
+def test_grouped_mlp_and_its_gradients_on_gpu(m, hidden, ffn, group_sizes, fused):
+  rng = np.random.default_rng(m + hidden + ffn + fused)
+  inputs = make_inputs(rng, np.array(group_sizes, np.int32), m, hidden, ffn,
+                       jnp.bfloat16, use_bias=False)
+  check_against_reference(inputs, jnp.bfloat16, "mosaic_gpu", rng, fused=fused)
