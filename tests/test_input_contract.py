@@ -106,10 +106,14 @@ def test_tgmm_and_its_gradient():
 @pytest.mark.parametrize("m, hidden, ffn, group_sizes, fused", MLP_CASES)
 def test_grouped_mlp_and_its_gradients(m, hidden, ffn, group_sizes, fused):
   """Fused: FC1+SReLU and FC2-dgrad+dSReLU epilogues; unfused: the SReLU kernels."""
+  _check_grouped_mlp(m, hidden, ffn, group_sizes, fused, "interpret")
+
+
+def _check_grouped_mlp(m, hidden, ffn, group_sizes, fused, backend):
   rng = np.random.default_rng(m + hidden + ffn + fused)
   inputs = make_inputs(rng, np.array(group_sizes, np.int32), m, hidden, ffn,
                        jnp.bfloat16, use_bias=False)
-  check_against_reference(inputs, jnp.bfloat16, "interpret", rng, fused=fused)
+  check_against_reference(inputs, jnp.bfloat16, backend, rng, fused=fused)
 
 
 @pytest.mark.parametrize("f", [64, 192, 320])
@@ -267,7 +271,4 @@ def test_gmm_and_its_gradient_on_gpu(m, k, n, group_sizes, transpose_rhs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, hidden, ffn, group_sizes, fused", GPU_MLP_CASES)
 def test_grouped_mlp_and_its_gradients_on_gpu(m, hidden, ffn, group_sizes, fused):
-  rng = np.random.default_rng(m + hidden + ffn + fused)
-  inputs = make_inputs(rng, np.array(group_sizes, np.int32), m, hidden, ffn,
-                       jnp.bfloat16, use_bias=False)
-  check_against_reference(inputs, jnp.bfloat16, "mosaic_gpu", rng, fused=fused)
+  _check_grouped_mlp(m, hidden, ffn, group_sizes, fused, "mosaic_gpu")
