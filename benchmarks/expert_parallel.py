@@ -5,7 +5,7 @@ split X ways; X = 1 is the layer without a mesh), at a Mixtral-like and a
 DeepSeek-like layer, with the capacity factor swept (receive buffers of
 capacity_factor x tokens*top_k rows per device; see jaxmoe/expert_parallel.py).
 A step is `jax.value_and_grad` of a nonlinear loss over all parameters and the
-input, timed with back-to-back calls (timing.py). "capacity_factor = X" is the old
+input, timed with back-to-back calls (timing.py). "capacity_factor = X" is the
 worst-case sizing (one round of X*t*k rows), the reference the bounded buffers beat.
 
 Per device, each record carries the activations the forward saves for the
@@ -18,7 +18,7 @@ and compiles it without running: the full-size layers' memory on a CPU.
 
 `--share` instead measures, on one device, the per-device work of an X-way layer:
 the grouped MLP (fwd+bwd) on one device's El = E/X experts with the bounded
-buffer (X*C ~ capacity_factor*t*k rows) against the old worst-case one (X*t*k
+buffer (X*C ~ capacity_factor*t*k rows) against the worst-case one (X*t*k
 rows), the rows routed being t*k either way.
 
 Each configuration runs in its own subprocess (its own peak memory; a failure costs
@@ -70,9 +70,9 @@ def parse_args(argv=None):
   p.add_argument("--devices", default="1,2,4,8",
                  help="comma-separated expert-axis sizes X (those above the device "
                       "count are skipped)")
-  p.add_argument("--capacity-factors", default="1.25,2.0,old",
-                 help="comma-separated; 'old' is capacity_factor = X (the worst-case "
-                      "buffers of before)")
+  p.add_argument("--capacity-factors", default="1.25,2.0,worst",
+                 help="comma-separated; 'worst' is capacity_factor = X (the worst-case "
+                      "buffers: every row could go to one device)")
   p.add_argument("--chunks", default="1",
                  help="comma-separated chunk counts (MoELayer(chunks=...)) for X > 1")
   p.add_argument("--collectives", default="padded",
@@ -108,7 +108,7 @@ def parse_args(argv=None):
 
 
 def capacity_for(factor: str, devices: int) -> float:
-  return float(devices) if factor == "old" else float(factor)
+  return float(devices) if factor == "worst" else float(factor)
 
 
 def child_env(args) -> dict:
@@ -314,7 +314,7 @@ def configurations(args, available: int) -> list[str]:
         out += [f"layer:{layer}:{devices}:{c}:{capacity_for(f, devices)}:{n}"
                 for c in args.collectives.split(",") for f in factors
                 for n in args.chunks.split(",")]
-  return list(dict.fromkeys(out))  # 'old' may repeat a factor given (X = 2 and 2.0)
+  return list(dict.fromkeys(out))  # 'worst' may repeat a factor given (X = 2 and 2.0)
 
 
 def mib(x) -> str:
@@ -322,7 +322,7 @@ def mib(x) -> str:
 
 
 def table(records) -> str:
-  """Markdown; memory and speed as ratios to X = 1 (layer) or to 'old' (share)."""
+  """Markdown; memory and speed as ratios to X = 1 (layer) or to 'worst' (share)."""
   head = ("| layer | X | collective | capacity factor | chunks | step ms | tokens/s per device "
           "× X=1 | overflow rows (share: MLP rows) | saved activations MiB/device | × X=1 "
           "| XLA temp MiB/device | × X=1 | peak MiB/device (max) |")

@@ -218,7 +218,7 @@ def test_matches_single_device(mesh_kind, axis_type, collective, routing, monkey
 @needs_mesh
 @pytest.mark.parametrize("capacity_factor", [0.5, 100.0])
 def test_capacity_factor_changes_rounds_not_results(capacity_factor):
-  """Far below 1 (many overflow rounds) and past X (one round: the old worst-case
+  """Far below 1 (many overflow rounds) and past X (one round: the worst-case
   buffers) on 2x4, skewed routing."""
   mesh, data_axis = _mesh("2x4")
   ref, ep = _layers(mesh, data_axis, "skewed", capacity_factor=capacity_factor)
@@ -287,7 +287,7 @@ def _step_temp_bytes(num_peers: int, capacity_factor: float) -> int:
 @needs_mesh
 def test_step_memory_grows_with_capacity_factor_not_with_devices():
   """Per-device temporaries at X=2 and X=8 equal within 1.3x at the default capacity
-  factor, grow with the factor, and the old worst-case buffers (capacity_factor=X,
+  factor, grow with the factor, and the worst-case buffers (capacity_factor=X,
   one round of X*R rows) are far larger at X=8."""
   default = expert_parallel.DEFAULT_CAPACITY_FACTOR
   two, eight = _step_temp_bytes(2, default), _step_temp_bytes(8, default)
