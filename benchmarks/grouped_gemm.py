@@ -75,16 +75,19 @@ def jaxmoe_entries(x, w, gs, dy):
 
 def fp8_entries(x, w, gs, dy):
   """FP8 entries (blockwise recipe, `quantize.py`): our FP8 kernel on operands
-  quantised beforehand (fwd, dgrad) with its default config, its warp-specialised
-  one and overlapped promotion, fwd with x's quantisation included ("fwd+quant"),
-  and XLA's dense e4m3 dot."""
+  quantised beforehand (fwd, dgrad) with its default config and the variants of
+  FP8_VARIANTS, fwd with x's quantisation included ("fwd+quant"), and XLA's dense
+  e4m3 dot."""
   xq, dyq, wq = quantize.quantize_rows(x), quantize.quantize_rows(dy), quantize.quantize_blocks(w)
-  w_dgrad_scales = jnp.swapaxes(wq.scales, 1, 2)
   (m, k), n, g = x.shape, w.shape[2], w.shape[0]
-  ws = config_lib.fp8_gmm_config(m, k, n, g, num_compute_wgs=2)
-  overlap = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, promotion="pairs")
-  carried = config_lib.fp8_gmm_config(m, k, n, g, block_m=64, promotion="carried")
-  fwd = lambda cfg: jax.jit(lambda v, s, wv, wsc, gs: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))  # noqa: E731
+  fwd_args = (xq.values, xq.scales, wq.values_t, wq.scales, gs)
+  dgrad_args = (dyq.values, dyq.scales, wq.values, jnp.swapaxes(wq.scales, 1, 2), gs)
+  entries = []
+  for impl, fields in FP8_VARIANTS.items():
+    cfg = config_lib.fp8_gmm_config(m, k, n, g, **fields) if fields else None
+    fn = jax.jit(lambda v, s, wv, wsc, gs, cfg=cfg: gmm_fp8_mgpu(v, s, wv, wsc, gs, config=cfg))
+    entries += [_entry("fwd", impl, fn, fwd_args, 1, cfg),
+                _entry("dgrad", impl, fn, dgrad_args, 1, cfg)]
 
   @jax.jit
   def fwd_quant(x, wv, wsc, gs):
@@ -93,18 +96,22 @@ def fp8_entries(x, w, gs, dy):
 
   x8, w8 = x.astype(jnp.float8_e4m3fn), w[0].astype(jnp.float8_e4m3fn)
   dense_fp8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
-  fwd_args = (xq.values, xq.scales, wq.values_t, wq.scales, gs)
-  dgrad_args = (dyq.values, dyq.scales, wq.values, w_dgrad_scales, gs)
-  return [_entry("fwd", "jaxmoe_fp8", fwd(None), fwd_args, 1),
-          _entry("dgrad", "jaxmoe_fp8", fwd(None), dgrad_args, 1),
-          _entry("fwd", "jaxmoe_fp8_ws", fwd(ws), fwd_args, 1, ws),
-          _entry("dgrad", "jaxmoe_fp8_ws", fwd(ws), dgrad_args, 1, ws),
-          _entry("fwd", "jaxmoe_fp8_overlap", fwd(overlap), fwd_args, 1, overlap),
-          _entry("dgrad", "jaxmoe_fp8_overlap", fwd(overlap), dgrad_args, 1, overlap),
-          _entry("fwd", "jaxmoe_fp8_carried", fwd(carried), fwd_args, 1, carried),
-          _entry("dgrad", "jaxmoe_fp8_carried", fwd(carried), dgrad_args, 1, carried),
-          _entry("fwd+quant", "jaxmoe_fp8", fwd_quant, (x, wq.values_t, wq.scales, gs), 1),
-          _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
+  return entries + [
+      _entry("fwd+quant", "jaxmoe_fp8", fwd_quant, (x, wq.values_t, wq.scales, gs), 1),
+      _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
+
+
+# Our FP8 kernel's configs, as fp8_gmm_config fields ({} = its default): the
+# one-warpgroup schedules at 64-row tiles and the warp-specialised kernel at both
+# tile heights.
+FP8_VARIANTS = {
+    "jaxmoe_fp8": {},
+    "jaxmoe_fp8_m64": dict(block_m=64),
+    "jaxmoe_fp8_pairs": dict(block_m=64, promotion="pairs"),
+    "jaxmoe_fp8_carried": dict(block_m=64, promotion="carried"),
+    "jaxmoe_fp8_ws": dict(num_compute_wgs=2),
+    "jaxmoe_fp8_ws_m64": dict(block_m=64, num_compute_wgs=2),
+}
 
 
 def _entry(pass_, impl, fn, args, passes, config=None):
@@ -188,9 +195,9 @@ def print_table(records) -> None:
   torch_dense), each pair timed in the same rounds of its own process."""
   by = {(r["M"], r["K"], r["N"], r["G"], r["pass"], r["impl"]): r["tflops"] for r in records}
   impls = ("jaxmoe", "dense", "ragged_dot", "ragged_dot_mgpu", "torch_grouped_mm",
-           "torch_dense", "jaxmoe_fp8", "jaxmoe_fp8_ws", "jaxmoe_fp8_overlap", "jaxmoe_fp8_carried", "dense_fp8_xla")
+           "torch_dense", *FP8_VARIANTS, "dense_fp8_xla")
   print("\nTFLOP/s (ratio jaxmoe/dense; vs torch normalised by each process's dense)")
-  print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i[:12]:>12}" for i in impls)
+  print(f"{'M,K,N,G':>24} {'pass':>8} " + " ".join(f"{i.removeprefix('jaxmoe_')[:12]:>12}" for i in impls)
         + "  vs dense  vs torch")
   shapes = sorted({k[:4] for k in by}, key=lambda s: (s[3], s))
   for s in shapes:

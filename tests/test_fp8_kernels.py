@@ -160,6 +160,8 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2)),
     (16384, 1024, 4096, 64, jnp.float32,
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2, epilogue_rows=64)),
+    (16384, 4096, 2048, 8, jnp.bfloat16,  # 64x256 items
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2)),
     # Overlapped promotion: two K blocks a step.
     (16384, 4096, 2048, 8, jnp.bfloat16,
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")),
@@ -250,7 +252,7 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws", "pairs", "carried"])
+@pytest.mark.parametrize("cfg", [None, "ws", "ws_m64", "pairs", "carried"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -266,6 +268,8 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   if cfg == "ws":
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2,
                                   epilogue_rows=64 if out_dtype == jnp.float32 else None)
+  elif cfg == "ws_m64":
+    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2)
   elif cfg in ("pairs", "carried"):
     cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion=cfg)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
