@@ -101,16 +101,13 @@ def fp8_entries(x, w, gs, dy):
       _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
 
 
-# Our FP8 kernel's configs, as fp8_gmm_config fields ({} = its default): the
-# one-warpgroup schedules at 64-row tiles and the warp-specialised kernel at both
-# tile heights.
+# Our FP8 kernel's configs, as fp8_gmm_config fields ({} = its default, the
+# warp-specialised kernel on 64-row tiles): at 128-row tiles, and one warpgroup.
 FP8_VARIANTS = {
     "jaxmoe_fp8": {},
-    "jaxmoe_fp8_m64": dict(block_m=64),
-    "jaxmoe_fp8_pairs": dict(block_m=64, promotion="pairs"),
-    "jaxmoe_fp8_carried": dict(block_m=64, promotion="carried"),
-    "jaxmoe_fp8_ws": dict(num_compute_wgs=2),
-    "jaxmoe_fp8_ws_m64": dict(block_m=64, num_compute_wgs=2),
+    "jaxmoe_fp8_ws_m128": dict(block_m=128, num_compute_wgs=2),
+    "jaxmoe_fp8_pairs": dict(promotion="pairs"),
+    "jaxmoe_fp8_serial": dict(block_m=128),
 }
 
 

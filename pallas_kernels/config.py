@@ -292,7 +292,7 @@ class TgmmConfig(_ConsumerTiles):
 
 
 # Fp8GmmConfig.promotion: when a K block's FP8 partial sum is scaled into the sum.
-PROMOTIONS = ("serial", "pairs", "carried")
+PROMOTIONS = ("serial", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,8 +306,8 @@ class Fp8GmmConfig(_ConsumerTiles):
       a tile reads one weight block scale per K step.
     max_concurrent_steps: pipeline depth (stages of lhs, rhs and row-scale tiles).
     grid_block_n: planar-snake band width, as GmmConfig's.
-    num_compute_wgs: 1: one warpgroup loads and computes, awaiting each K block's
-      wgmma before it promotes the partial sum. 2: warp-specialised, a producer
+    num_compute_wgs: 1: one warpgroup loads and computes (`promotion` says when
+      it promotes each K block's partial sum). 2: warp-specialised, a producer
       warpgroup loads and two consumer warpgroups compute the left and right
       block_m x block_n halves of a block_m x (2*block_n) item (sharing its lhs
       tile), so that one's promotion can run beside the other's wgmma.
@@ -316,10 +316,8 @@ class Fp8GmmConfig(_ConsumerTiles):
       sum (ignored with two warpgroups). "serial": one K block a step, its wgmma
       awaited before the promotion, so the tensor core idles meanwhile.
       "pairs": two K blocks a step, the first one promoted under the second
-      one's wgmma. "carried": two K blocks a step with the partial accumulators
-      kept across steps, every promotion under the next block's wgmma. Both
-      two-block schedules hold two partial accumulators besides the sum
-      (block_m*block_n <= 64*128) and need K a multiple of 256.
+      one's wgmma; two partial accumulators besides the sum (block_m*block_n
+      <= 64*128), K a multiple of 256.
   """
   block_m: int = 128
   block_n: int = 128
@@ -380,18 +378,25 @@ class Fp8GmmConfig(_ConsumerTiles):
 
 
 def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
-                   block_m: int | None = None, **fields) -> Fp8GmmConfig:
-  """The config `gmm_fp8_mgpu` runs by default (no tuning yet): 128x128 tiles
-  (64-row ones for small M) and the deepest pipeline, up to 6 stages, that fits
-  with 4 KiB to spare (barriers, and the 1 KiB alignment of the swizzled tiles
-  next to the 512-byte row-scale buffers); 64 columns in 2 stages if none does.
+                   block_m: int = 64, **fields) -> Fp8GmmConfig:
+  """The config `gmm_fp8_mgpu` runs by default (not autotuned): 64-row tiles,
+  warp-specialised on 64 x 256 items where N splits into them (two consumer
+  warpgroups of 64 x 128, each promoting while the other's wgmma runs), else one
+  warpgroup with promotion="pairs" where K is a multiple of 256, else "serial";
+  and the deepest pipeline, up to 6 stages, that fits with 4 KiB to spare
+  (barriers, and the 1 KiB alignment of the swizzled tiles next to the 512-byte
+  row-scale buffers); 64 columns in 2 stages if none does. On an H100 the
+  warp-specialised 64-row kernel ran fastest of these at the benchmark shapes
+  (BENCHMARKS.md); 128-row tiles hold 2 x 128 float32 accumulator registers a
+  thread, the whole register file.
 
-  block_m and other Fp8GmmConfig fields (e.g. num_compute_wgs=2) pick a variant,
+  block_m and other Fp8GmmConfig fields (e.g. num_compute_wgs=1) pick a variant,
   deepened the same way.
   """
-  del k, n, g
-  if block_m is None:
-    block_m = 128 if m >= 128 * 8 else 64
+  del m, g
+  if not fields:
+    fields = (dict(num_compute_wgs=2) if n % (2 * Fp8GmmConfig.block_n) == 0
+              else dict(promotion="pairs") if k % (2 * Fp8GmmConfig.block_k) == 0 else {})
   for steps in (6, 5, 4, 3, 2):
     try:
       cfg = Fp8GmmConfig(block_m, 128, steps, **fields)

@@ -26,20 +26,16 @@ Design:
     partial sum outside the tensor core keeps its limited-precision FP8
     accumulation to 128 products, as DeepGEMM does. The wgmma is awaited every
     step, before its partial sum is read.
-  * config.num_compute_wgs=1 (the default): one warpgroup, `emit_pipeline`
-    (`_gmm_fp8_kernel`), so the tensor core idles while the warpgroup
-    promotes. 2: warp-specialised (`_gmm_fp8_kernel_ws`, gmm_mgpu's
+  * config.num_compute_wgs=2 (the default, `_gmm_fp8_kernel_ws`, gmm_mgpu's
     `ws_pipeline`): a producer warpgroup loads, two consumer warpgroups take
-    the left and right halves of a block_m x (2*block_n) item, so one's
-    promotion can overlap the other's wgmma. On an H100 both run at 0.75-1.06x
-    our bf16 kernels, the warp-specialised one slower (BENCHMARKS.md).
-  * config.promotion (one warpgroup): "serial" awaits each K block's wgmma
-    before promoting it (`_mainloop`). "pairs" (`_paired_mainloop`) takes
-    two K blocks a step and promotes the first under the second one's wgmma.
-    "carried" (`_carried_mainloop`) keeps the two partial accumulators across
-    pipeline steps, so every promotion runs under the next block's wgmma;
-    its accumulators are zeroed by a store, which the Pallas GPU interpreter
-    runs as a swap (`_zero_accumulator`).
+    the left and right halves of a block_m x (2*block_n) item (sharing its lhs
+    tile), so one's promotion runs while the other's wgmma does. With 64-row
+    tiles each consumer holds 2 x 64 float32 accumulator registers a thread.
+  * config.num_compute_wgs=1 (`_gmm_fp8_kernel`, `emit_pipeline`), with
+    config.promotion "serial" (`_mainloop`: each K block's wgmma awaited before
+    its promotion, the tensor core idle meanwhile) or "pairs"
+    (`_paired_mainloop`: two K blocks a step, the first promoted under the
+    second one's wgmma). For N that does not split into 2*block_n items.
 """
 
 from __future__ import annotations
@@ -49,7 +45,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src.state import primitives as state_primitives
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -146,13 +141,9 @@ def _row_scales_spec(cfg, **kwargs):
   return plgpu.BlockSpec((1, cfg.block_m), lambda kb: (kb, 0), **kwargs)
 
 
-def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cfg,
-              interpret):
+def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cfg):
   """sum over K blocks kb of (lhs[rows, kb] @ rhs[n-tile, kb].T) * row scales * block
   scale, float32 [block_m, block_n] in the WGMMA layout (rhs: one group's [N, K])."""
-  if cfg.promotion == "carried":
-    return _carried_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem,
-                             where, cfg=cfg, interpret=interpret)
   if cfg.promotion == "pairs":
     return _paired_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem,
                                 where, cfg=cfg)
@@ -219,69 +210,7 @@ def _paired_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where
     _scale_rows(lhs_scales_gmem, tile_row0, bm))
 
 
-def _carried_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *,
-                      cfg, interpret):
-  """`_mainloop` with every promotion under a wgmma: partial accumulators p0 and p1
-  (even and odd K blocks) live across the pipeline; a step takes K blocks 2j and
-  2j+1, zeroes p0 and issues block 2j's wgmma, promotes block 2j-1 from p1 (the
-  previous step's, its scales carried in registers), zeroes p1 and issues block
-  2j+1's, promotes block 2j from p0. The last odd block is promoted after the
-  loop. Tiles stay in shared memory a step longer (delay_release=1) for the wgmma
-  still reading them."""
-  bm, bn = cfg.block_m, cfg.block_n
-  n_tile, tile_row0 = where["n_tile"], where["tile_row0"]
-  scale_col = n_tile * bn // BLOCK_K
-
-  def with_partials(p0, p1):
-    def step(indices, lhs0, lhs1, rhs0, rhs1, row_scales_smem, carry):
-      (j,) = indices
-      acc, odd_scales = carry
-
-      def scales(half):
-        row_scales = plgpu.load(row_scales_smem.at[half], layout=srelu_mgpu.ROW_LAYOUT)
-        return row_scales * rhs_scales_gmem[2 * j + half, scale_col]
-
-      _zero_accumulator(p0, cfg, interpret)
-      plgpu.wgmma(p0, lhs0, rhs0.T)
-      acc = acc + _rows_times(plgpu.wgmma_accumulator_load(p1, wait_n=1), odd_scales)
-      _zero_accumulator(p1, cfg, interpret)
-      plgpu.wgmma(p1, lhs1, rhs1.T)
-      acc = acc + _rows_times(plgpu.wgmma_accumulator_load(p0, wait_n=1), scales(0))
-      return acc, scales(1)
-
-    def tile_spec(rows, row_block, half):
-      return plgpu.BlockSpec((rows, BLOCK_K), lambda j: (row_block, 2 * j + half),
-                             delay_release=1)
-
-    acc, odd_scales = plgpu.emit_pipeline(
-        step,
-        grid=(lhs_gmem.shape[1] // cfg.step_k,),
-        in_specs=[tile_spec(bm, 0, 0), tile_spec(bm, 0, 1), tile_spec(bn, n_tile, 0),
-                  tile_spec(bn, n_tile, 1), plgpu.BlockSpec((2, bm), lambda j: (j, 0))],
-        max_concurrent_steps=cfg.max_concurrent_steps,
-        init_carry=(_zeros(cfg), plgpu.layout_cast(jnp.zeros((bm,), jnp.float32),
-                                                   srelu_mgpu.ROW_LAYOUT)),
-    )(*[gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm)] * 2, rhs_gmem, rhs_gmem,
-      _scale_rows(lhs_scales_gmem, tile_row0, bm))
-    return acc + _rows_times(p1[...], odd_scales)
-
-  return pl.run_scoped(with_partials, plgpu.ACC((bm, bn)), plgpu.ACC((bm, bn)))
-
-
-def _zero_accumulator(acc_ref, cfg, interpret):
-  """acc_ref[...] = 0. The Pallas GPU interpreter has no rule for the accumulator
-  store (jax 0.11.2), but runs a swap on the accumulator's buffer."""
-  if interpret:
-    state_primitives.ref_swap(acc_ref, (), jnp.zeros(acc_ref.shape, acc_ref.dtype))
-  else:
-    acc_ref[...] = _zeros(cfg)
-
-
-def _rows_times(partial, row_scales):
-  return partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
-
-
-def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype, interpret):
+def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype):
   meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), outs = (
       gmm_mgpu._split_refs(refs, 2))
 
@@ -290,7 +219,7 @@ def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype, interpret):
 
     def compute():
       return _mainloop(lhs_gmem, rhs_gmem.at[group], lhs_scales_gmem,
-                       rhs_scales_gmem.at[group], where, cfg=cfg, interpret=interpret)
+                       rhs_scales_gmem.at[group], where, cfg=cfg)
 
     # Padding items store zeros.
     return lax.cond(meta.compute[item] != 0, compute, lambda: _zeros(cfg))
@@ -299,7 +228,7 @@ def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype, interpret):
                                epilogue=gmm_mgpu.Epilogue(), n=n, out_dtype=out_dtype)
 
 
-def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, interpret):
+def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype):
   """Warp-specialised (cfg.num_compute_wgs == 2): warpgroup 2 issues the TMA loads
   of lhs, rhs and row-scale tiles; consumer warpgroups 0 and 1 each promote the
   K blocks of the left or right block_m x block_n half of the item's tile (as
@@ -392,7 +321,7 @@ def gmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.A
   kernel = gmm_mgpu.launch(
       functools.partial(_gmm_fp8_kernel_ws if cfg.num_compute_wgs > 1 else _gmm_fp8_kernel,
                         cfg=cfg, num_items=meta.num_items, n=n,
-                        out_dtype=out_dtype, interpret=interpret),
+                        out_dtype=out_dtype),
       (jax.ShapeDtypeStruct((m, n), out_dtype),), meta, n=n, cfg=cfg, interpret=interpret)
   (out,) = kernel(*meta.arrays(), lhs_values, rhs_values, lhs_scales, rhs_scales)
   return out

@@ -5,7 +5,6 @@ checked to be e4m3 x e4m3."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
@@ -74,7 +73,6 @@ WS = config_lib.Fp8GmmConfig(block_m=64, block_n=64, max_concurrent_steps=2,
                              num_compute_wgs=2)
 PAIRS = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2,
                                   promotion="pairs")
-CARRIED = dataclasses.replace(PAIRS, promotion="carried")
 CASES = [
     # (M, K, N, group_sizes, out dtype, config, dgrad)
     (256, 256, 256, [50, 0, 131, 75], jnp.float32, None, False),  # an empty group
@@ -99,10 +97,6 @@ CASES = [
     (256, 512, 256, [50, 0, 131, 75], jnp.float32, PAIRS, False),
     (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, PAIRS, True),
     (40, 256, 128, [3, 30], jnp.float32, PAIRS, False),
-    # Partial sums carried across steps: every promotion under a later wgmma.
-    (256, 512, 256, [50, 0, 131, 75], jnp.float32, CARRIED, False),
-    (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, CARRIED, True),
-    (40, 768, 128, [3, 30], jnp.float32, CARRIED, False),
 ]
 
 
@@ -121,8 +115,8 @@ def test_gmm_fp8_interpret(m, k, n, sizes, out_dtype, cfg, dgrad):
 
 
 def test_gmm_fp8_interpret_default_config_few_sms(monkeypatch):
-  """The default config (128x128 tiles, a deep pipeline), two SMs that each walk
-  several (item, n-tile) pairs."""
+  """The default config (warp-specialised 64x256 items, a deep pipeline), two SMs
+  that each walk several (item, n-tile) pairs."""
   monkeypatch.setattr(config_lib, "num_sms", lambda: 2)
   m, k, n, sizes = 264, 512, 256, [100, 0, 64, 92]
   assert config_lib.fp8_gmm_config(m, k, n, 4).max_concurrent_steps >= 4
@@ -167,9 +161,6 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")),
     (16384, 1024, 4096, 64, jnp.float32,
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=3, promotion="pairs")),
-    (16384, 4096, 2048, 8, jnp.bfloat16,
-     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4,
-                             promotion="carried")),
 ])
 def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
   text = _lower(m, k, n, g, out_dtype, cfg)
@@ -238,11 +229,19 @@ def test_fp8_config_validates_itself():
   with pytest.raises(NotImplementedError, match="K=384 is not a multiple of 256"):
     overlap.validate_for(384, 256, 1, 2)
   cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, 8)
-  assert (cfg.block_m, cfg.block_n, cfg.block_k) == (128, 128, 128)
-  assert cfg.smem_bytes(1, 2) == cfg.max_concurrent_steps * (256 * 128 + 512) + 128 * 128 * 2
+  assert (cfg.block_m, cfg.block_n, cfg.num_compute_wgs, cfg.promotion) == (64, 128, 2, "serial")
+  # Per stage: the lhs tile, both consumers' rhs tiles, the row scales; one staging
+  # buffer per consumer.
+  assert cfg.smem_bytes(1, 2) == (cfg.max_concurrent_steps * (64 * 128 + 256 * 128 + 256)
+                                  + 2 * 64 * 128 * 2)
   f32 = config_lib.fp8_gmm_config(16384, 4096, 2048, 8, out_itemsize=4)
   assert f32.smem_bytes(1, 4) <= config_lib.SMEM_BYTES - 4096
-  assert config_lib.fp8_gmm_config(512, 4096, 2048, 8).block_m == 64
+  # N not in 256-wide items: one warpgroup, two K blocks a step where K allows.
+  assert config_lib.fp8_gmm_config(16384, 4096, 384, 8).promotion == "pairs"
+  one = config_lib.fp8_gmm_config(16384, 384, 384, 8)
+  assert (one.num_compute_wgs, one.promotion) == (1, "serial")
+  assert config_lib.fp8_gmm_config(16384, 4096, 2048, 8, block_m=128,
+                                   num_compute_wgs=1).block_m == 128
 
 
 @pytest.mark.gpu
@@ -252,7 +251,7 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws", "ws_m64", "pairs", "carried"])
+@pytest.mark.parametrize("cfg", [None, "ws_m128", "pairs", "serial"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -265,13 +264,13 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   rhs, rhs_scales = ((wq.values, jnp.swapaxes(wq.scales, 1, 2)) if dgrad
                      else (wq.values_t, wq.scales))
   gs = gpu_group_sizes(np.random.default_rng(g), m - pad, g, empty_every=5)
-  if cfg == "ws":
+  if cfg == "ws_m128":
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2,
                                   epilogue_rows=64 if out_dtype == jnp.float32 else None)
-  elif cfg == "ws_m64":
-    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2)
-  elif cfg in ("pairs", "carried"):
-    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion=cfg)
+  elif cfg == "pairs":
+    cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")
+  elif cfg == "serial":  # one warpgroup on 128x128 tiles
+    cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=4)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
       xq.values, xq.scales, rhs, rhs_scales, gs)
   out = np.asarray(out.astype(jnp.float32))
