@@ -1,6 +1,6 @@
 """On a Hopper GPU: the FP8 expert MLP on the Mosaic GPU kernels against the XLA
 reference (same quantisation), forward and gradients, and the step time of both and of
-the bf16 fused MLP.
+the bf16 fused MLP, timed side by side (`timing.interleaved_ms`, medians).
 
     PYTHONPATH=. python benchmarks/fp8_mlp_check.py [--tokens 16384 --hidden 2048 --ffn 4096 --experts 8]
 """
@@ -8,13 +8,19 @@ the bf16 fused MLP.
 from __future__ import annotations
 
 import argparse
-import time
+import datetime
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxmoe
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved_ms  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -23,6 +29,7 @@ def main(argv=None) -> None:
   p.add_argument("--hidden", type=int, default=2048)
   p.add_argument("--ffn", type=int, default=4096)
   p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--out", help="write the step times here as JSON")
   args = p.parse_args(argv)
   m, h, f, g = args.tokens, args.hidden, args.ffn, args.experts
   keys = jax.random.split(jax.random.key(0), 5)
@@ -50,19 +57,22 @@ def main(argv=None) -> None:
       return (y,) + vjp(dy)
     return run
 
-  out = {}
-  for name, backend, fp8 in (("fp8_kernels", "mosaic_gpu", True), ("fp8_xla", "xla", True),
-                             ("bf16_kernels", "mosaic_gpu", False)):
-    run = step(backend, fp8)
-    res = jax.block_until_ready(run(x, w1, w2, scales))
-    n = 20
-    t0 = time.perf_counter()
-    for _ in range(n):
-      r = run(x, w1, w2, scales)
-    jax.block_until_ready(r)
-    ms = (time.perf_counter() - t0) / n * 1e3
-    out[name] = [np.asarray(a.astype(jnp.float32)) for a in res]
-    print(f"{name}: fwd+bwd {ms:.2f} ms ({6 * 2 * m * h * f / ms / 1e9:.0f} TF/s)", flush=True)
+  runs = {name: step(backend, fp8) for name, backend, fp8 in (
+      ("fp8_kernels", "mosaic_gpu", True), ("fp8_xla", "xla", True),
+      ("bf16_kernels", "mosaic_gpu", False))}
+  operands = (x, w1, w2, scales)
+  out = {name: [np.asarray(a.astype(jnp.float32)) for a in run(*operands)]
+         for name, run in runs.items()}
+  ms = interleaved_ms({name: (run, operands) for name, run in runs.items()}, calls=10)
+  for name, t in ms.items():
+    print(f"{name}: fwd+bwd {t:.2f} ms ({6 * 2 * m * h * f / t / 1e9:.0f} TF/s)")
+  print(f"fp8 kernels / bf16 kernels speed: {ms['bf16_kernels'] / ms['fp8_kernels']:.2f}x")
+  if args.out:
+    with open(args.out, "w") as file:
+      json.dump(dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
+                     date=datetime.date.today().isoformat(),
+                     command="python benchmarks/fp8_mlp_check.py " + " ".join(argv or sys.argv[1:]),
+                     M=m, H=h, F=f, G=g, fwd_bwd_ms=ms), file, indent=1)
   labels = ["y", "dx", "dw1", "dw2", "dscales"]
   used = int(sizes.sum())
   for label, a, b, c in zip(labels, out["fp8_kernels"], out["fp8_xla"], out["bf16_kernels"]):

@@ -49,7 +49,7 @@ for s in $sections; do case $s in
     -q -x -p no:cacheprovider -rfE --durations=5 ;;
   fp8_gemm) run grouped_gemm_fp8 560 python benchmarks/grouped_gemm.py --fp8 --anchors dense \
     --no-torch --out "$out/grouped_gemm_fp8.json" --log "$out/gemm_fp8.log" ;;
-  fp8_mlp) run fp8_mlp_check 200 python benchmarks/fp8_mlp_check.py ;;
+  fp8_mlp) run fp8_mlp_check 200 python benchmarks/fp8_mlp_check.py --out "$out/fp8_mlp.json" ;;
   autotune_check)
     # The default config against the sweep's best at token counts nobody tuned.
     run autotune_check 560 python -m pallas_kernels.autotune --check --tokens 1536,6144 \
