@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                                 fp8=jaxmoe.BlockwiseRecipe() if fp8 else None)
 
     @jax.jit
-    def run(x, w1, w2, scales):
+    def run(x, w1, w2, scales, dy):  # dy an argument: XLA would fold it as a constant
       y, vjp = jax.vjp(f_, x, w1, w2, scales)
       return (y,) + vjp(dy)
     return run
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
   runs = {name: step(backend, fp8) for name, backend, fp8 in (
       ("fp8_kernels", "mosaic_gpu", True), ("fp8_xla", "xla", True),
       ("bf16_kernels", "mosaic_gpu", False))}
-  operands = (x, w1, w2, scales)
+  operands = (x, w1, w2, scales, dy)
   out = {name: [np.asarray(a.astype(jnp.float32)) for a in run(*operands)]
          for name, run in runs.items()}
   ms = interleaved_ms({name: (run, operands) for name, run in runs.items()}, calls=10)

@@ -107,7 +107,7 @@ FP8_VARIANTS = {
     "jaxmoe_fp8": {},
     "jaxmoe_fp8_ws_m128": dict(block_m=128, num_compute_wgs=2),
     "jaxmoe_fp8_pairs": dict(promotion="pairs"),
-    "jaxmoe_fp8_serial": dict(block_m=128),
+    "jaxmoe_fp8_serial": dict(block_m=128, num_compute_wgs=1),
 }
 
 

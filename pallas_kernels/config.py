@@ -390,7 +390,8 @@ def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
   (BENCHMARKS.md); 128-row tiles hold 2 x 128 float32 accumulator registers a
   thread, the whole register file.
 
-  block_m and other Fp8GmmConfig fields (e.g. num_compute_wgs=1) pick a variant,
+  block_m alone keeps the default schedule; any other Fp8GmmConfig field (e.g.
+  num_compute_wgs=1) picks a variant (Fp8GmmConfig's defaults for the rest),
   deepened the same way.
   """
   del m, g
