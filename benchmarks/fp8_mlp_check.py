@@ -1,6 +1,7 @@
 """On a Hopper GPU: the FP8 expert MLP on the Mosaic GPU kernels against the XLA
-reference (same quantisation), forward and gradients, and the step time of both and of
-the bf16 fused MLP, timed side by side (`timing.interleaved_ms`, medians).
+reference (same quantisation), forward and gradients, and the step time of both, of
+the FP8 MLP with FP8 weight gradients (`BlockwiseRecipe(wgrad_dtype="float8_e4m3fn")`)
+and of the bf16 fused MLP, timed side by side (`timing.interleaved_ms`, medians).
 
     PYTHONPATH=. python benchmarks/fp8_mlp_check.py [--tokens 16384 --hidden 2048 --ffn 4096 --experts 8]
 """
@@ -23,15 +24,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import interleaved_ms  # noqa: E402
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser()
+def parse_shape(argv, description: str):
+  """(args, (M, H, F, G)) from --tokens --hidden --ffn --experts, and --out."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--tokens", type=int, default=16384)
   p.add_argument("--hidden", type=int, default=2048)
   p.add_argument("--ffn", type=int, default=4096)
   p.add_argument("--experts", type=int, default=8)
-  p.add_argument("--out", help="write the step times here as JSON")
+  p.add_argument("--out", help="write the times here as JSON")
   args = p.parse_args(argv)
-  m, h, f, g = args.tokens, args.hidden, args.ffn, args.experts
+  return args, (args.tokens, args.hidden, args.ffn, args.experts)
+
+
+def write_result(path, script: str, argv, shape, **fields) -> None:
+  """The times as JSON with the card, jax version, date and command."""
+  m, h, f, g = shape
+  with open(path, "w") as file:
+    json.dump(dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
+                   date=datetime.date.today().isoformat(),
+                   command=f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+                   M=m, H=h, F=f, G=g, **fields), file, indent=1)
+
+
+def main(argv=None) -> None:
+  args, (m, h, f, g) = parse_shape(argv, "the FP8 expert MLP's step against bf16's")
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (m, h), jnp.bfloat16)
   w1 = jax.random.normal(keys[1], (g, h, f), jnp.float32) / np.sqrt(h)
@@ -48,8 +64,7 @@ def main(argv=None) -> None:
   def step(backend, fp8):
     def f_(x, w1, w2, scales):
       ww1, ww2 = (w1, w2) if fp8 else (w1.astype(jnp.bfloat16), w2.astype(jnp.bfloat16))
-      return jaxmoe.grouped_mlp(x, ww1, ww2, gs, scales, backend=backend,
-                                fp8=jaxmoe.BlockwiseRecipe() if fp8 else None)
+      return jaxmoe.grouped_mlp(x, ww1, ww2, gs, scales, backend=backend, fp8=fp8)
 
     @jax.jit
     def run(x, w1, w2, scales, dy):  # dy an argument: XLA would fold it as a constant
@@ -57,29 +72,32 @@ def main(argv=None) -> None:
       return (y,) + vjp(dy)
     return run
 
+  recipe = jaxmoe.BlockwiseRecipe()
+  fp8_wgrad = jaxmoe.BlockwiseRecipe(wgrad_dtype="float8_e4m3fn")
   runs = {name: step(backend, fp8) for name, backend, fp8 in (
-      ("fp8_kernels", "mosaic_gpu", True), ("fp8_xla", "xla", True),
-      ("bf16_kernels", "mosaic_gpu", False))}
+      ("fp8_kernels", "mosaic_gpu", recipe), ("fp8_xla", "xla", recipe),
+      ("fp8_wgrad_kernels", "mosaic_gpu", fp8_wgrad), ("fp8_wgrad_xla", "xla", fp8_wgrad),
+      ("bf16_kernels", "mosaic_gpu", None))}
   operands = (x, w1, w2, scales, dy)
   out = {name: [np.asarray(a.astype(jnp.float32)) for a in run(*operands)]
          for name, run in runs.items()}
-  ms = interleaved_ms({name: (run, operands) for name, run in runs.items()}, calls=10)
+  timed = ("fp8_kernels", "fp8_wgrad_kernels", "bf16_kernels")
+  ms = interleaved_ms({name: (runs[name], operands) for name in timed}, calls=10)
   for name, t in ms.items():
     print(f"{name}: fwd+bwd {t:.2f} ms ({6 * 2 * m * h * f / t / 1e9:.0f} TF/s)")
-  print(f"fp8 kernels / bf16 kernels speed: {ms['bf16_kernels'] / ms['fp8_kernels']:.2f}x")
+  for name in timed[:2]:
+    print(f"{name} / bf16 kernels speed: {ms['bf16_kernels'] / ms[name]:.2f}x")
   if args.out:
-    with open(args.out, "w") as file:
-      json.dump(dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
-                     date=datetime.date.today().isoformat(),
-                     command="python benchmarks/fp8_mlp_check.py " + " ".join(argv or sys.argv[1:]),
-                     M=m, H=h, F=f, G=g, fwd_bwd_ms=ms), file, indent=1)
+    write_result(args.out, "fp8_mlp_check.py", argv, (m, h, f, g), fwd_bwd_ms=ms)
   labels = ["y", "dx", "dw1", "dw2", "dscales"]
   used = int(sizes.sum())
-  for label, a, b, c in zip(labels, out["fp8_kernels"], out["fp8_xla"], out["bf16_kernels"]):
-    rel = lambda u, v: np.linalg.norm(u - v) / np.linalg.norm(v)  # noqa: E731
-    print(f"{label}: nan={np.isnan(a).any()} kernels vs xla ref {rel(a, b):.2e}, "
-          f"fp8 vs bf16 {rel(a, c):.2e}")
-  assert (out["fp8_kernels"][0][used:] == 0).all()
+  rel = lambda u, v: np.linalg.norm(u - v) / np.linalg.norm(v)  # noqa: E731
+  for prefix in ("fp8", "fp8_wgrad"):
+    kernels, xla = out[f"{prefix}_kernels"], out[f"{prefix}_xla"]
+    for label, a, b, c in zip(labels, kernels, xla, out["bf16_kernels"]):
+      print(f"{prefix} {label}: nan={np.isnan(a).any()} kernels vs xla ref {rel(a, b):.2e}, "
+            f"vs bf16 {rel(a, c):.2e}")
+    assert (kernels[0][used:] == 0).all()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # GPU tests and benchmarks, a section or two per device call (a device call runs 600 s at most):
 #   bash benchmarks/gpu_run.sh [SECTION ...]
 #   sections: kernel_tests tests demo mlp gemm offload counters autotune
-#             contract_tests fp8_tests fp8_gemm fp8_mlp autotune_check
+#             contract_tests fp8_tests fp8_gemm fp8_mlp fp8_parts autotune_check
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_run_out.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -45,11 +45,15 @@ for s in $sections; do case $s in
       --out "$out/tuned_configs.json" --report "$out/autotune_report.json" ;;
   contract_tests) run gpu_contract_tests 300 python -m pytest -m gpu tests/test_input_contract.py \
     -q -x -p no:cacheprovider -rfE --durations=5 ;;
-  fp8_tests) run gpu_fp8_tests 400 python -m pytest -m gpu tests/test_fp8_kernels.py \
+  fp8_tests) run gpu_fp8_tests 400 python -m pytest -m gpu tests/test_fp8_kernels.py tests/test_tgmm_fp8.py \
     -q -x -p no:cacheprovider -rfE --durations=5 ;;
   fp8_gemm) run grouped_gemm_fp8 560 python benchmarks/grouped_gemm.py --fp8 --anchors dense \
     --no-torch --out "$out/grouped_gemm_fp8.json" --log "$out/gemm_fp8.log" ;;
-  fp8_mlp) run fp8_mlp_check 200 python benchmarks/fp8_mlp_check.py --out "$out/fp8_mlp.json" ;;
+  fp8_mlp)  # ~130 s a shape
+    run fp8_mlp_g8 200 python benchmarks/fp8_mlp_check.py --out "$out/fp8_mlp_g8.json"
+    run fp8_mlp_g64 200 python benchmarks/fp8_mlp_check.py --hidden 4096 --ffn 1024 \
+      --experts 64 --out "$out/fp8_mlp_g64.json" ;;
+  fp8_parts) run fp8_parts 200 python benchmarks/fp8_parts.py --out "$out/fp8_parts.json" ;;
   autotune_check)
     # The default config against the sweep's best at token counts nobody tuned.
     run autotune_check 560 python -m pallas_kernels.autotune --check --tokens 1536,6144 \

@@ -9,6 +9,10 @@ import jax.numpy as jnp
 from pallas_kernels import quantize
 
 
+# The recipe fields with more than one implemented value.
+_CHOICES = {"wgrad_dtype": ("bfloat16", "float8_e4m3fn")}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockwiseRecipe:
   """Blockwise-scaled FP8 for the expert MLP's four grouped GEMMs (DeepSeek-V3's recipe,
@@ -27,8 +31,11 @@ class BlockwiseRecipe:
     the step, and their FP8 values and scales are kept on device for the backward pass.
   * The forward GEMMs (h = x @ w1, y = a @ w2) and the input-gradient GEMMs
     (da = dy @ w2.T, dx = dh @ w1.T) run in FP8, accumulating in float32. The weight
-    gradients (dw2 = a.T @ dy, dw1 = x.T @ dh) run in `wgrad_dtype` (bf16) on the
-    dequantised saved activations: there is no FP8 transposed grouped GEMM yet.
+    gradients (dw2 = a.T @ dy, dw1 = x.T @ dh) run in `wgrad_dtype`: "bfloat16" (the
+    default), a bf16 grouped GEMM on the dequantised saved activations, or
+    "float8_e4m3fn", the FP8 transposed grouped GEMM (`pallas_kernels.tgmm_fp8`) on
+    column tiles of each group's rows (`quantize.quantize_columns`: the saved
+    activations dequantised and requantised by columns, dy and dh quantised so).
   * h, the SReLU and its derivative stay in x's dtype / float32.
 
   The hidden and FFN sizes must be multiples of 128. Only these values are
@@ -53,9 +60,12 @@ class BlockwiseRecipe:
       else:
         value = tuple(value)
         object.__setattr__(self, field.name, value)
-      if value != default:
-        raise ValueError(
-            f"BlockwiseRecipe implements {field.name}={default!r} only, got {value!r}.")
+      allowed = _CHOICES.get(field.name, (default,))
+      if value not in allowed:
+        implemented = (f"={default!r} only" if len(allowed) == 1
+                       else f" in {allowed}")
+        raise ValueError(f"BlockwiseRecipe implements {field.name}{implemented}, got "
+                         f"{value!r}.")
 
 
 def check_recipe(fp8) -> None:

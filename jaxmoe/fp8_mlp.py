@@ -16,10 +16,12 @@ and the backward pass reuses the forward's quantised activations:
     dh  = da * p * 2 relu(h),  dp = sum_j da_j relu(h_j)**2,  db1 = per-expert sum of dh
     dhq = quantize_rows(dh)
     dx  = gmm_fp8(dhq, w1q, transpose_rhs=True)
-    dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype (bf16)
+    dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype
 
-The weight gradients are bf16 grouped GEMMs on the dequantised saved activations:
-there is no FP8 transposed grouped GEMM (`tgmm`) kernel yet. The SReLU, its derivative
+With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
+dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
+each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
+dequant(xq) and dh). The SReLU, its derivative
 and the quantisations are XLA ops on every backend: XLA fuses each into the one
 elementwise pass that quantises its result (a, dh), which the standalone SReLU
 kernels (`pallas_kernels.activation`) would split into two passes over HBM.
@@ -102,6 +104,12 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   gmm_fp8 = functools.partial(pallas_kernels.gmm_fp8, backend=backend)
 
   def wgrad(lhs, rhs, group_sizes, out_dtype):
+    if wgrad_dtype == quantize.FP8:
+      return pallas_kernels.tgmm_fp8(
+          quantize.quantize_columns(lhs, group_sizes),
+          quantize.quantize_columns(rhs, group_sizes), group_sizes,
+          num_rows=lhs.shape[0], out_dtype=_gmm_dtype(out_dtype),
+          backend=backend).astype(out_dtype)
     return pallas_kernels.tgmm(
         lhs.astype(wgrad_dtype), rhs.astype(wgrad_dtype), group_sizes,
         preferred_element_type=jnp.float32, backend=backend).astype(out_dtype)

@@ -568,3 +568,55 @@ def current_device_kind() -> str | None:
   except RuntimeError:
     return None
   return device.device_kind if device.platform == "gpu" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8TgmmConfig(_ConsumerTiles):
+  """Tiling of `tgmm_fp8_mgpu`: out [G, K, N] in block_k x block_n tiles, one
+  warpgroup a tile, the contracted (group-aligned) rows in steps of block_m = 128,
+  one scale block.
+
+  Attributes:
+    block_k: output rows (the K of the weight gradient [G, K, N]) of a work item.
+    block_n: output columns of a work item.
+    max_concurrent_steps: pipeline depth (stages of both operand tiles and their
+      scales).
+    grid_block_n: planar-snake band width over (k-tile, n-tile) within a group.
+    epilogue_rows: rows of the output staging buffer (a multiple of 64 that
+      divides block_k; None = block_k).
+  """
+  block_k: int = 128
+  block_n: int = 128
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 4
+  epilogue_rows: int | None = 64
+  # What the shared helpers read, fixed for this kernel.
+  block_m = 128
+  num_compute_wgs = 1
+  split_rows = False
+  epilogue_cols = None
+  _TILE_ROWS = "block_k"
+
+  def __post_init__(self):
+    _check_multiple("block_k", self.block_k, 64)
+    _check_multiple("block_n", self.block_n, 64)
+    if self.block_k * self.block_n > 128 * 128:
+      raise ValueError(
+          f"block_k*block_n={self.block_k * self.block_n} exceeds 128*128: the warpgroup "
+          "holds two float32 accumulators (the sum and a row block's partial).")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
+    if self.grid_block_n < 1:
+      raise ValueError(f"grid_block_n={self.grid_block_n} must be >= 1.")
+    self._check_consumers_and_epilogue(rows_multiple=64)
+    self._check_fits(in_itemsize=1)
+
+  def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
+    """Pipeline stages (both operand tiles and their float32 scales) and the staging buffer."""
+    stage = (self.block_k + self.block_n) * (self.block_m * in_itemsize + 4)
+    return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
+
+  def validate_for(self, k: int, n: int, in_itemsize: int = 1,
+                   out_itemsize: int = 2) -> None:
+    """TgmmConfig's check of a problem."""
+    TgmmConfig.validate_for(self, k, n, in_itemsize, out_itemsize)

@@ -82,15 +82,7 @@ def check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
   """Raises ValueError for inconsistent shapes, NotImplementedError for inputs the
   kernel does not take; returns the config."""
   _check_shapes(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes)
-  for name, x, dtype in (("lhs_values", lhs_values, quantize.FP8),
-                         ("rhs_values", rhs_values, quantize.FP8),
-                         ("lhs_scales", lhs_scales, jnp.float32),
-                         ("rhs_scales", rhs_scales, jnp.float32)):
-    if x.dtype != jnp.dtype(dtype):
-      raise NotImplementedError(
-          f"FP8 gmm takes '{name}' in {jnp.dtype(dtype)}, not {x.dtype}.")
-  if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
-    raise NotImplementedError(f"FP8 gmm writes bf16 or f32, not {jnp.dtype(out_dtype)}.")
+  check_dtypes("FP8 gmm", lhs_values, lhs_scales, rhs_values, rhs_scales, out_dtype)
   m, k = lhs_values.shape
   n = rhs_values.shape[1]
   for name, size in (("K", k), ("N", n)):
@@ -105,6 +97,19 @@ def check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
   return cfg
 
 
+def check_dtypes(op: str, lhs_values, lhs_scales, rhs_values, rhs_scales, out_dtype) -> None:
+  """NotImplementedError unless the values are e4m3, the scales float32 and the
+  output bf16 or f32."""
+  for name, x, dtype in (("lhs_values", lhs_values, quantize.FP8),
+                         ("rhs_values", rhs_values, quantize.FP8),
+                         ("lhs_scales", lhs_scales, jnp.float32),
+                         ("rhs_scales", rhs_scales, jnp.float32)):
+    if x.dtype != jnp.dtype(dtype):
+      raise NotImplementedError(f"{op} takes '{name}' in {jnp.dtype(dtype)}, not {x.dtype}.")
+  if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
+    raise NotImplementedError(f"{op} writes bf16 or f32, not {jnp.dtype(out_dtype)}.")
+
+
 def _scale_rows(lhs_scales_gmem, tile_row0, block_m: int):
   """The tile's block_m columns of the [K // 128, M] row scales (all when M < block_m)."""
   if lhs_scales_gmem.shape[1] < block_m:
@@ -112,17 +117,20 @@ def _scale_rows(lhs_scales_gmem, tile_row0, block_m: int):
   return lhs_scales_gmem.at[:, pl.ds(pl.multiple_of(tile_row0, 8), block_m)]
 
 
-def _promote(acc, lhs_smem, rhs_smem, row_scales_smem, block_scale):
-  """acc + (lhs_smem @ rhs_smem.T) * row_scales[:, None] * block_scale: one K block,
-  its wgmma into a fresh accumulator, awaited, promoted in float32 registers."""
-  shape = (lhs_smem.shape[0], rhs_smem.shape[0])
-
+def partial_sum(lhs_smem, rhs_smem):
+  """lhs_smem @ rhs_smem.T, float32 [rows, cols] (WGMMA layout): one K block's wgmma
+  into a fresh accumulator, awaited."""
   def partial_scope(partial_ref):
     plgpu.wgmma(partial_ref, lhs_smem, rhs_smem.T)
     return partial_ref[...]  # awaits the wgmma
 
-  partial = pl.run_scoped(partial_scope, plgpu.ACC(shape))
-  return acc + _scaled(partial, row_scales_smem.at[0], block_scale)
+  return pl.run_scoped(partial_scope, plgpu.ACC((lhs_smem.shape[0], rhs_smem.shape[0])))
+
+
+def _promote(acc, lhs_smem, rhs_smem, row_scales_smem, block_scale):
+  """acc + (lhs_smem @ rhs_smem.T) * row_scales[:, None] * block_scale: one K block,
+  promoted in float32 registers."""
+  return acc + _scaled(partial_sum(lhs_smem, rhs_smem), row_scales_smem.at[0], block_scale)
 
 
 def _scaled(partial, row_scales_smem, block_scale):

@@ -8,9 +8,10 @@ expressed in terms of the same two ops:
     dlhs = gmm(dout, rhs, transpose_rhs=True)                   -> [M, K]
     drhs = tgmm(lhs, dout)                                      -> [G, K, N]
 
-`gmm_fp8` dispatches the blockwise-scaled FP8 grouped GEMM (`gmm_fp8_mgpu.py`, XLA
-reference `reference.gmm_fp8_xla`); it has no VJP of its own: the FP8 expert MLP
-(`jaxmoe/fp8_mlp.py`) is one custom_vjp over its four GEMMs.
+`gmm_fp8` and `tgmm_fp8` dispatch the blockwise-scaled FP8 grouped GEMMs
+(`gmm_fp8_mgpu.py`, `tgmm_fp8_mgpu.py`; XLA references `reference.gmm_fp8_xla`,
+`reference.tgmm_fp8_xla`); they have no VJP of their own: the FP8 expert MLP
+(`jaxmoe/fp8_mlp.py`) is one custom_vjp over its six GEMMs.
 """
 
 from __future__ import annotations
@@ -111,6 +112,37 @@ def gmm_fp8(lhs: quantize.RowQuantized, rhs: quantize.BlockQuantized,
                   lhs.scales, values, scales, group_sizes, out_dtype=jnp.dtype(out_dtype))
 
 
+def tgmm_fp8(lhs: quantize.RowQuantized, rhs: quantize.RowQuantized,
+             group_sizes: jax.Array, *, num_rows: int, out_dtype=jnp.float32,
+             backend: common.Backend = "auto") -> jax.Array:
+  """Blockwise-scaled FP8 transposed grouped matmul, the weight gradient (not
+  differentiable): out[g] = dequant(lhs)[rows of g].T @ dequant(rhs)[rows of g].
+
+  Args:
+    lhs: `quantize.quantize_columns(x, group_sizes)` of x [num_rows, K]: values
+      [K, P] e4m3, scales [P // 128, K].
+    rhs: `quantize.quantize_columns(dy, group_sizes)` of dy [num_rows, N].
+    group_sizes: [G] int32, those both were quantised with.
+    num_rows: M, the rows of x and dy.
+    out_dtype: bf16 or f32.
+    backend: as `gmm_fp8`'s.
+
+  Returns:
+    [G, K, N] in out_dtype; zeros for empty groups.
+  """
+  common.check_backend(backend)
+  common.check_group_sizes(group_sizes)
+  p = quantize.aligned_rows(num_rows, group_sizes.shape[0])
+  for name, q in (("lhs", lhs), ("rhs", rhs)):
+    if q.values.ndim != 2 or q.values.shape[1] != p:
+      raise ValueError(
+          f"Expected '{name}' values of shape [*, {p}] (quantize_columns of {num_rows} "
+          f"rows in {group_sizes.shape[0]} groups), got {tuple(q.values.shape)}.")
+  return dispatch(backend, _tgmm_fp8_kernel, reference.tgmm_fp8_xla, lhs.values,
+                  lhs.scales, rhs.values, rhs.scales, group_sizes, num_rows=num_rows,
+                  out_dtype=jnp.dtype(out_dtype))
+
+
 def _run_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, backend):
   return dispatch(backend, _gmm_kernel, reference.gmm_xla, lhs, rhs, group_sizes,
                   transpose_rhs=transpose_rhs, out_dtype=out_dtype)
@@ -165,6 +197,11 @@ def _gmm_kernel():
 def _gmm_fp8_kernel():
   from pallas_kernels import gmm_fp8_mgpu
   return gmm_fp8_mgpu.gmm_fp8_mgpu
+
+
+def _tgmm_fp8_kernel():
+  from pallas_kernels import tgmm_fp8_mgpu
+  return tgmm_fp8_mgpu.tgmm_fp8_mgpu
 
 
 def _tgmm_kernel():

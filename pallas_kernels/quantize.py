@@ -20,6 +20,11 @@ so each pass wants its own layout; the quantisers produce them directly:
 
 Row scales are stored transposed, [K // 128, M]: one K block's scales of
 consecutive rows are contiguous (one TMA copy per pipeline step).
+
+The weight gradient contracts over the rows of x and dy, which are sorted by group,
+so their column tiles must not span two groups: `quantize_columns` quantises the
+group-aligned transpose, where each group starts a fresh 128-row block
+(`group_blocks`) and the rest of its last block is zeros.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ class BlockQuantized(NamedTuple):
   values: jax.Array
   values_t: jax.Array
   scales: jax.Array
+
+
+class GroupBlocks(NamedTuple):
+  """The 128-row blocks of each group in the group-aligned layout: group g's rows
+  are rows [128 * first[g], 128 * first[g] + size_g) of it. int32 [G] each."""
+  first: jax.Array
+  count: jax.Array
 
 
 def _check_blocks(name: str, x: jax.Array, axes: tuple[int, ...]) -> None:
@@ -102,3 +114,37 @@ def dequantize_blocks(q: BlockQuantized) -> jax.Array:
   g, k, n = q.values.shape
   blocks = fp8_to_f32(q.values).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
   return (blocks * q.scales[:, :, None, :, None]).reshape(g, k, n)
+
+
+def aligned_rows(m: int, num_groups: int) -> int:
+  """P, the rows of the group-aligned layout of m rows in num_groups groups: a static
+  bound (each group's last block may be partly zeros)."""
+  return BLOCK * (-(-m // BLOCK) + num_groups)
+
+
+def group_blocks(group_sizes: jax.Array, m: int) -> GroupBlocks:
+  """Each group's blocks in the group-aligned layout of `m` rows (sizes clipped to m)."""
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  sizes = jnp.diff(ends, prepend=0)
+  count = (sizes + BLOCK - 1) // BLOCK
+  return GroupBlocks(first=jnp.cumsum(count) - count, count=count)
+
+
+def quantize_columns(x: jax.Array, group_sizes: jax.Array) -> RowQuantized:
+  """x [M, K] float, rows sorted by group -> `quantize_rows` of its group-aligned
+  transpose [K, P] (P = `aligned_rows(M, G)`): values [K, P] e4m3, scales [P // 128, K],
+  one per column of x per 128 rows of one group. Rows past sum(group_sizes) are left
+  out; positions that hold no row are zeros. The layout of `tgmm_fp8`'s operands.
+  """
+  m, k = x.shape
+  num_groups = group_sizes.shape[0]
+  blocks = group_blocks(group_sizes, m)
+  ends = jnp.cumsum(blocks.count)
+  pos = jnp.arange(aligned_rows(m, num_groups))
+  group = jnp.minimum(jnp.searchsorted(ends, pos // BLOCK, side="right"), num_groups - 1)
+  row_ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  row_starts = row_ends - jnp.diff(row_ends, prepend=0)
+  row = row_starts[group] + pos - BLOCK * blocks.first[group]
+  valid = (pos < BLOCK * ends[-1]) & (row < row_ends[group])
+  aligned = jnp.where(valid[:, None], x[jnp.clip(row, 0, m - 1)].astype(jnp.float32), 0.0)
+  return quantize_rows(aligned.T)

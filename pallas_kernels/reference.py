@@ -13,6 +13,12 @@ _GMM_TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0],
     rhs_group_dimensions=[0],
 )
+# lhs [K, P] and rhs [N, P] contracted on their ragged, group-aligned P: out [G, K, N].
+_TGMM_FP8_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (1,)), ((), ())),
+    lhs_ragged_dimensions=[1],
+    rhs_group_dimensions=[],
+)
 # lhs [M, K] and rhs [M, N] contracted over their ragged rows: out [G, K, N].
 _TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((0,), (0,)), ((), ())),
@@ -93,8 +99,29 @@ def gmm_fp8_xla(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Ar
   out = jax.lax.ragged_dot_general(
       lhs, rhs, group_sizes, _GMM_TRANSPOSED_DIMS, precision=jax.lax.Precision.HIGHEST,
       preferred_element_type=jnp.float32)
-  # Rounded as the kernel rounds its output, even where XLA's excess precision would
-  # fuse the next op into the float32 value (the result then depends on the fusion).
+  return _rounded(out, out_dtype)
+
+
+def tgmm_fp8_xla(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Array,
+                 rhs_scales: jax.Array, group_sizes: jax.Array, *, num_rows: int,
+                 out_dtype: jnp.dtype) -> jax.Array:
+  """`tgmm_fp8_mgpu`'s reference: out[g] = dequant(lhs)[:, rows of g] @
+  dequant(rhs)[:, rows of g].T in float32, on `quantize.quantize_columns` layouts of
+  [num_rows, K] and [num_rows, N] (lhs [K, P], rhs [N, P]). [G, K, N] in out_dtype.
+  """
+  lhs = quantize.dequantize_rows(quantize.RowQuantized(lhs_values, lhs_scales))
+  rhs = quantize.dequantize_rows(quantize.RowQuantized(rhs_values, rhs_scales))
+  aligned_sizes = quantize.group_blocks(group_sizes, num_rows).count * quantize.BLOCK
+  out = jax.lax.ragged_dot_general(
+      lhs, rhs, aligned_sizes, _TGMM_FP8_DIMS, precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+  return _rounded(out, out_dtype)
+
+
+def _rounded(out: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+  """A float32 result rounded as a kernel rounds its output, even where XLA's excess
+  precision would fuse the next op into the float32 value (the result then depends on
+  the fusion)."""
   out = out.astype(out_dtype)
   finfo = jnp.finfo(out_dtype)
   return jax.lax.reduce_precision(out, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)

@@ -141,6 +141,19 @@ def quantize_rows(x):
   return (values * scales).reshape(m, k), values.reshape(m, k), scales[:, :, 0]
 
 
+def quantize_group_columns(x, group_sizes):
+  """x [M, K] float32 -> dequantised float64 [M, K] of its column tiles: one scale per
+  column per 128 rows of a group, counted from the group's first row (what
+  `quantize.quantize_columns` lays out); rows past sum(group_sizes) are zeros."""
+  out = np.zeros(x.shape)
+  for _, rows in group_slices(group_sizes):
+    for start in range(rows.start, rows.stop, FP8_BLOCK):
+      chunk = slice(start, min(start + FP8_BLOCK, rows.stop))
+      values, scales = _quantize(x[chunk], (0,))
+      out[chunk] = values * scales
+  return out
+
+
 def quantize_blocks(w):
   """w [G, K, N] -> (dequantised float64 [G, K, N], values, scales [G, K//128, N//128])."""
   g, k, n = w.shape
@@ -150,12 +163,14 @@ def quantize_blocks(w):
           scales[:, :, 0, :, 0])
 
 
-def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None):
+def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None,
+                    wgrad_dtype="bfloat16"):
   """The FP8 expert MLP (`jaxmoe/fp8_mlp.py`) in float64, quantising where it does:
   x, w1, w2 and a = relu(h)**2 * p forward; dy and dh backward. The weight gradients
   take the dequantised a and x and the unquantised dy and dh, rounded to bf16 (the
-  recipe's wgrad_dtype); everything else is exact, except h, rounded to `h_dtype`
-  (e.g. "bfloat16": the kernels store h in x's dtype) when given.
+  recipe's wgrad_dtype "bfloat16"), or all four (as float32) quantised by column tiles
+  of each group ("float8_e4m3fn"); everything else is exact, except h, rounded to
+  `h_dtype` (e.g. "bfloat16": the kernels store h in x's dtype) when given.
 
   Returns y, or (y, {"x", "w1", "w2", "scales", "b1"}) when dy is given.
   """
@@ -177,9 +192,12 @@ def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None):
   da = gmm(quantize_rows(dy)[0], w2d, group_sizes, transpose_rhs=True)
   dh = da * p[:, None] * 2 * relu
   dx = gmm(quantize_rows(dh)[0], w1d, group_sizes, transpose_rhs=True)
-  bf16 = lambda a: _round(a, "bfloat16")  # noqa: E731
-  grads = {"x": dx, "w1": tgmm(bf16(xd), bf16(dh), group_sizes),
-           "w2": tgmm(bf16(ad), bf16(dy), group_sizes),
+  if wgrad_dtype == "bfloat16":
+    wgrad_operand = lambda a: _round(a, "bfloat16")  # noqa: E731
+  else:
+    wgrad_operand = lambda a: quantize_group_columns(np.float32(a), group_sizes)  # noqa: E731
+  wgrad = lambda a, b: tgmm(wgrad_operand(a), wgrad_operand(b), group_sizes)  # noqa: E731
+  grads = {"x": dx, "w1": wgrad(xd, dh), "w2": wgrad(ad, dy),
            "scales": np.sum(da * relu**2, axis=1),
            "b1": np.stack([dh[rows].sum(axis=0) for _, rows in group_slices(group_sizes)])}
   return y, grads

@@ -29,6 +29,10 @@ GROUPS = {  # M = 136 rows (the kernels take M % 8 == 0)
 # reference up to float32 summation (both quantise the same numbers: measured <= 1e-6);
 # the weight gradients take bf16 operands (measured <= 2e-4).
 TOL = {"y": 1e-5, "x": 1e-5, "scales": 1e-5, "b1": 1e-5, "w1": 1e-3, "w2": 1e-3}
+FP8_WGRAD = BlockwiseRecipe(wgrad_dtype="float8_e4m3fn")
+# FP8 weight gradients: both quantise the same float32 numbers by column tiles, then
+# sum exact products (measured <= 5e-7; 1.5-2.6e-2 from the bf16 weight gradients).
+FP8_WGRAD_TOL = {"w1": 1e-5, "w2": 1e-5}
 
 
 def _inputs(seed, dtype=jnp.float32, bias=False):
@@ -64,13 +68,15 @@ def _run(arrays, dy, sizes, backend, fp8=RECIPE):
   return y, dict(zip(names, grads))
 
 
-def _check_against_numpy(arrays, dy, sizes, y, grads, scale_tol=1.0):
+def _check_against_numpy(arrays, dy, sizes, y, grads, scale_tol=1.0, recipe=RECIPE):
   x_dtype = arrays["x"].dtype
   expected_y, expected = ref.fp8_grouped_mlp(
       *(np.asarray(arrays[n].astype(jnp.float32)) for n in ("x", "w1", "w2")), sizes,
       np.asarray(arrays["scales"]), b1=None if arrays["b1"] is None else
       np.asarray(arrays["b1"]), dy=np.float64(np.asarray(dy.astype(jnp.float32))),
-      h_dtype=None if x_dtype == jnp.float32 else jnp.dtype(x_dtype).name)
+      h_dtype=None if x_dtype == jnp.float32 else jnp.dtype(x_dtype).name,
+      wgrad_dtype=recipe.wgrad_dtype)
+  tol = dict(TOL, **(FP8_WGRAD_TOL if recipe.wgrad_dtype == "float8_e4m3fn" else {}))
   used = sum(sizes)
   y = np.asarray(y.astype(jnp.float32))
   assert (y[used:] == 0).all() and (np.asarray(grads["x"].astype(jnp.float32))[used:] == 0).all()
@@ -78,11 +84,11 @@ def _check_against_numpy(arrays, dy, sizes, y, grads, scale_tol=1.0):
     for name, g in grads.items():
       assert not np.asarray(g.astype(jnp.float32)).any(), name
     return
-  assert_close(y, expected_y, TOL["y"] * scale_tol, "y")
+  assert_close(y, expected_y, tol["y"] * scale_tol, "y")
   for name, g in grads.items():
     assert g.dtype == arrays[name].dtype, name
     assert_close(np.asarray(g.astype(jnp.float32)), expected[name],
-                 TOL[name] * scale_tol, name)
+                 tol[name] * scale_tol, name)
   for e, size in enumerate(sizes):  # An empty expert gets exactly zero gradients.
     if size == 0:
       assert not np.asarray(grads["w1"][e]).any() and not np.asarray(grads["w2"][e]).any()
@@ -191,6 +197,25 @@ def test_fp8_mlp_interpret_matches_numpy_and_xla(case):
     assert_close(np.asarray(grads[name]), np.asarray(grads_xla[name]), 1e-4, name)
 
 
+@pytest.mark.parametrize("case", sorted(GROUPS))
+def test_fp8_wgrad_xla_matches_numpy(case):
+  arrays, dy = _inputs(3, bias=case == "padding_rows")
+  y, grads = _run(arrays, dy, GROUPS[case], "xla", fp8=FP8_WGRAD)
+  _check_against_numpy(arrays, dy, GROUPS[case], y, grads, recipe=FP8_WGRAD)
+
+
+@pytest.mark.parametrize("case", ["empty_group_odd_sizes", "all_rows_in_one_group"])
+def test_fp8_wgrad_interpret_matches_numpy_and_xla(case):
+  """`tgmm_fp8_mgpu` in the interpreter inside the MLP's backward pass."""
+  arrays, dy = _inputs(10)
+  sizes = GROUPS[case]
+  y, grads = _run(arrays, dy, sizes, "interpret", fp8=FP8_WGRAD)
+  _check_against_numpy(arrays, dy, sizes, y, grads, recipe=FP8_WGRAD)
+  _, grads_xla = _run(arrays, dy, sizes, "xla", fp8=FP8_WGRAD)
+  for name in ("w1", "w2"):
+    assert_close(np.asarray(grads[name]), np.asarray(grads_xla[name]), 1e-5, name)
+
+
 def test_auto_runs_fp8_not_bf16():
   """Without a Hopper GPU "auto" runs the FP8 XLA reference, never the bf16 GEMMs."""
   arrays, dy = _inputs(8)
@@ -278,5 +303,8 @@ def test_recipe_is_validated_and_hashable():
     BlockwiseRecipe(weight_block=(64, 64))
   with pytest.raises(ValueError, match="fp8_dtype='float8_e4m3fn' only"):
     BlockwiseRecipe(fp8_dtype="float8_e5m2")
+  assert FP8_WGRAD.wgrad_dtype == "float8_e4m3fn"
+  with pytest.raises(ValueError, match=r"wgrad_dtype in \('bfloat16', 'float8_e4m3fn'\)"):
+    BlockwiseRecipe(wgrad_dtype="float16")
   with pytest.raises(ValueError, match="fp8"):
     jaxmoe.GroupedMLP(G, H, F, fp8=True, rngs=nnx.Rngs(0))

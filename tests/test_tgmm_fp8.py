@@ -1,0 +1,187 @@
+"""Blockwise-scaled FP8 weight-gradient GEMM (`tgmm_fp8_mgpu`) and its group-aligned
+column quantisation (`quantize.quantize_columns`): the layout against NumPy, the
+kernel in the Pallas GPU interpreter against a float64 reference on the dequantised
+operands, the kernel lowered for `cuda` at full size, its input checks, and (`-m gpu`)
+full size on a Hopper GPU."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+import pallas_kernels
+from cuda_lowering import lower_for_h100
+from numpy_reference import assert_close
+from pallas_kernels import config as config_lib
+from pallas_kernels import quantize
+from pallas_kernels.tgmm_fp8_mgpu import tgmm_fp8_mgpu
+from test_mgpu_kernels_gpu import _group_sizes as gpu_group_sizes
+
+BLOCK = quantize.BLOCK
+
+
+def _rows(rng, m, k, sizes):
+  """float32 [M, K], rows of very different size, NaN in the padding rows (which
+  must not reach any group)."""
+  x = rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, (m, 1))
+  x[sum(sizes):] = np.nan
+  return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("sizes", [[41, 0, 200, 32], [0, 300, 0], [0, 0, 0], [129, 128, 1]])
+def test_quantize_columns_matches_numpy(sizes):
+  m, k = 304, 256
+  rng = np.random.default_rng(len(sizes) + sizes[0])
+  x = _rows(rng, m, k, sizes)
+  gs = jnp.asarray(sizes, jnp.int32)
+  q = quantize.quantize_columns(x, gs)
+  p = quantize.aligned_rows(m, len(sizes))
+  assert q.values.shape == (k, p) and q.values.dtype == quantize.FP8
+  assert q.scales.shape == (p // BLOCK, k) and q.scales.dtype == jnp.float32
+  aligned = np.asarray(quantize.dequantize_rows(q)).T  # [P, K]
+  assert np.isfinite(aligned).all()
+  expected = ref.quantize_group_columns(np.asarray(x), sizes)
+  blocks = quantize.group_blocks(gs, m)
+  used = np.zeros(p, bool)
+  for (g, rows), first in zip(ref.group_slices(sizes), np.asarray(blocks.first)):
+    start = first * BLOCK
+    # Equal up to the float32 product of value and scale (an e4m3 step is >= 6 %).
+    np.testing.assert_allclose(aligned[start:start + sizes[g]], expected[rows], rtol=1e-6)
+    used[start:start + sizes[g]] = True
+    assert blocks.count[g] == -(-sizes[g] // BLOCK)
+  assert not aligned[~used].any(), "positions that hold no row must be zeros"
+
+
+def _operands(rng, m, k, n, sizes):
+  gs = jnp.asarray(sizes, jnp.int32)
+  xq = quantize.quantize_columns(_rows(rng, m, k, sizes), gs)
+  dyq = quantize.quantize_columns(_rows(rng, m, n, sizes), gs)
+  return (xq.values, xq.scales, dyq.values, dyq.scales, gs)
+
+
+def _reference(lhs_values, lhs_scales, rhs_values, rhs_scales, gs, m):
+  """float64 [G, K, N] from the dequantised operands, each group's aligned blocks."""
+  lhs = np.float64(quantize.dequantize_rows(quantize.RowQuantized(lhs_values, lhs_scales)))
+  rhs = np.float64(quantize.dequantize_rows(quantize.RowQuantized(rhs_values, rhs_scales)))
+  blocks = quantize.group_blocks(gs, m)
+  return np.stack([lhs[:, BLOCK * f:BLOCK * (f + c)] @ rhs[:, BLOCK * f:BLOCK * (f + c)].T
+                   for f, c in zip(np.asarray(blocks.first), np.asarray(blocks.count))])
+
+
+SMALL = config_lib.Fp8TgmmConfig(block_k=64, block_n=64, max_concurrent_steps=2,
+                                 epilogue_rows=None)
+CASES = [
+    # (M, K, N, group sizes, out dtype, config)
+    (304, 128, 256, [41, 0, 200, 32], jnp.float32, None),  # an empty group, 31 padding rows
+    (304, 128, 128, [0, 304, 0], jnp.bfloat16, None),  # all rows in one group, 3 blocks
+    (200, 128, 128, [0, 0, 0], jnp.float32, None),  # all padding
+    (392, 192, 128, [129, 128, 1, 70], jnp.float32, SMALL),  # odd sizes, 64-wide tiles
+    (264, 256, 192, [17, 0, 150, 97], jnp.bfloat16, SMALL),
+]
+
+
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,cfg", CASES)
+def test_tgmm_fp8_interpret(m, k, n, sizes, out_dtype, cfg):
+  rng = np.random.default_rng(m + k + n)
+  operands = _operands(rng, m, k, n, sizes)
+  out = tgmm_fp8_mgpu(*operands, num_rows=m, out_dtype=out_dtype, interpret=True,
+                      config=cfg)
+  assert out.shape == (len(sizes), k, n) and out.dtype == out_dtype
+  out = np.asarray(out.astype(jnp.float32))
+  for g, size in enumerate(sizes):
+    if size == 0:
+      assert not out[g].any(), "an empty group's gradient must be zeros"
+  expected = _reference(*operands, m)
+  assert_close(out, expected, {jnp.float32: 1e-6, jnp.bfloat16: 1e-2}[out_dtype])
+  # The ops entry point and the XLA reference agree with it.
+  xq, dyq = (quantize.RowQuantized(*operands[i:i + 2]) for i in (0, 2))
+  xla = pallas_kernels.tgmm_fp8(xq, dyq, operands[4], num_rows=m, out_dtype=jnp.float32,
+                                backend="xla")
+  assert_close(np.asarray(xla), expected, 1e-6, "xla")
+
+
+@pytest.mark.parametrize("m,k,n,g,out_dtype", [
+    (16384, 2048, 4096, 8, jnp.float32),  # dw1 of the G=8 benchmark layer
+    (16384, 4096, 2048, 8, jnp.bfloat16),  # dw2
+    (16384, 4096, 1024, 64, jnp.float32),
+    (32768, 2048, 7168, 256, jnp.float32),
+])
+def test_tgmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype):
+  p, f8, f32 = quantize.aligned_rows(m, g), quantize.FP8, jnp.float32
+  text = lower_for_h100(
+      lambda a, s, b, t, c: tgmm_fp8_mgpu(a, s, b, t, c, num_rows=m, out_dtype=out_dtype),
+      jax.ShapeDtypeStruct((k, p), f8), jax.ShapeDtypeStruct((p // BLOCK, k), f32),
+      jax.ShapeDtypeStruct((n, p), f8), jax.ShapeDtypeStruct((p // BLOCK, n), f32),
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  wgmmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", text)
+  assert wgmmas and all(w.endswith(".f32.e4m3.e4m3") for w in wgmmas), wgmmas
+  assert "stablehlo.transpose" not in text
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(lhs_dtype=jnp.bfloat16), NotImplementedError, "lhs_values"),
+    (dict(out_dtype=jnp.float16), NotImplementedError, "bf16 or f32"),
+    (dict(k=192), NotImplementedError, "K=192"),
+    (dict(n=192), NotImplementedError, "N=192"),
+    (dict(rhs_scales_rows=3), ValueError, "rhs_scales"),
+    (dict(interpret=False), NotImplementedError, "Hopper"),
+])
+def test_tgmm_fp8_unsupported(change, error, match):
+  if not change.get("interpret", True) and jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  k, n, p = change.get("k", 256), change.get("n", 256), 512
+  lhs = jnp.zeros((k, p), change.get("lhs_dtype", quantize.FP8))
+  rhs = jnp.zeros((n, p), quantize.FP8)
+  with pytest.raises(error, match=match):
+    tgmm_fp8_mgpu(lhs, jnp.ones((p // BLOCK, k)), rhs,
+                  jnp.ones((change.get("rhs_scales_rows", p // BLOCK), n)),
+                  jnp.zeros((2,), jnp.int32), num_rows=256,
+                  out_dtype=change.get("out_dtype", jnp.float32),
+                  interpret=change.get("interpret", True))
+
+
+def test_tgmm_fp8_op_checks_the_layout():
+  q = quantize.RowQuantized(jnp.zeros((256, 512), quantize.FP8), jnp.ones((4, 256)))
+  with pytest.raises(ValueError, match=r"'lhs' values of shape \[\*, 640\]"):
+    pallas_kernels.tgmm_fp8(q, q, jnp.zeros((2,), jnp.int32), num_rows=384, backend="xla")
+
+
+def test_fp8_tgmm_config_validates_itself():
+  with pytest.raises(ValueError, match="two float32 accumulators"):
+    config_lib.Fp8TgmmConfig(block_k=256)
+  with pytest.raises(ValueError, match="block_n"):
+    config_lib.Fp8TgmmConfig(block_n=96)
+  with pytest.raises(ValueError, match="shared memory"):
+    config_lib.Fp8TgmmConfig(max_concurrent_steps=8)
+  cfg = config_lib.Fp8TgmmConfig()
+  assert cfg.smem_bytes(1, 4) == 4 * 256 * (128 + 4) + 64 * 128 * 4
+  with pytest.raises(NotImplementedError, match="K=320"):
+    cfg.validate_for(320, 256, 1, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,g,pad", [(16384, 2048, 4096, 8, 1000),
+                                         (16384, 1024, 4096, 64, 301)])
+def test_tgmm_fp8_full_size(m, k, n, g, pad):
+  """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST);
+  the tolerance allows for the FP8 tensor core's limited-precision accumulation
+  within each 128-row block."""
+  keys = jax.random.split(jax.random.key(m + k + n + g), 2)
+  sizes = gpu_group_sizes(np.random.default_rng(g), m - pad, g, empty_every=5)
+  xq = jax.jit(quantize.quantize_columns)(jax.random.normal(keys[0], (m, k)), sizes)
+  dyq = jax.jit(quantize.quantize_columns)(jax.random.normal(keys[1], (m, n)), sizes)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(backend):
+    return pallas_kernels.tgmm_fp8(xq, dyq, sizes, num_rows=m, out_dtype=jnp.float32,
+                                   backend=backend)
+
+  out = np.asarray(run("mosaic_gpu"))
+  assert not out[np.asarray(sizes) == 0].any()
+  assert_close(out, np.asarray(run("xla")), 1e-3)
