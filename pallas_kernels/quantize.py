@@ -55,9 +55,12 @@ class BlockQuantized(NamedTuple):
 
 class GroupBlocks(NamedTuple):
   """The 128-row blocks of each group in the group-aligned layout: group g's rows
-  are rows [128 * first[g], 128 * first[g] + size_g) of it. int32 [G] each."""
+  are rows [128 * first[g], 128 * first[g] + size[g]) of it, rows [row_start[g],
+  row_start[g] + size[g]) of the unaligned tensor. int32 [G] each."""
   first: jax.Array
   count: jax.Array
+  row_start: jax.Array
+  size: jax.Array
 
 
 def _check_blocks(name: str, x: jax.Array, axes: tuple[int, ...]) -> None:
@@ -127,7 +130,8 @@ def group_blocks(group_sizes: jax.Array, m: int) -> GroupBlocks:
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
   sizes = jnp.diff(ends, prepend=0)
   count = (sizes + BLOCK - 1) // BLOCK
-  return GroupBlocks(first=jnp.cumsum(count) - count, count=count)
+  return GroupBlocks(first=jnp.cumsum(count) - count, count=count, row_start=ends - sizes,
+                     size=sizes)
 
 
 def quantize_columns(x: jax.Array, group_sizes: jax.Array) -> RowQuantized:
@@ -142,9 +146,8 @@ def quantize_columns(x: jax.Array, group_sizes: jax.Array) -> RowQuantized:
   ends = jnp.cumsum(blocks.count)
   pos = jnp.arange(aligned_rows(m, num_groups))
   group = jnp.minimum(jnp.searchsorted(ends, pos // BLOCK, side="right"), num_groups - 1)
-  row_ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
-  row_starts = row_ends - jnp.diff(row_ends, prepend=0)
-  row = row_starts[group] + pos - BLOCK * blocks.first[group]
-  valid = (pos < BLOCK * ends[-1]) & (row < row_ends[group])
+  offset = pos - BLOCK * blocks.first[group]  # within the group
+  row = blocks.row_start[group] + offset
+  valid = (pos < BLOCK * ends[-1]) & (offset < blocks.size[group])
   aligned = jnp.where(valid[:, None], x[jnp.clip(row, 0, m - 1)].astype(jnp.float32), 0.0)
   return quantize_rows(aligned.T)
