@@ -3,7 +3,11 @@ reference (same quantisation), forward and gradients, and the step time of both,
 the FP8 MLP with FP8 weight gradients (`BlockwiseRecipe(wgrad_dtype="float8_e4m3fn")`)
 and of the bf16 fused MLP, timed side by side (`timing.interleaved_ms`, medians).
 
-    PYTHONPATH=. python benchmarks/fp8_mlp_check.py [--tokens 16384 --hidden 2048 --ffn 4096 --experts 8]
+    PYTHONPATH=. python benchmarks/fp8_mlp_check.py [--tokens 16384 --hidden 2048 --ffn 4096 --experts 8] \
+        [--out result.json] [--profile DIR]
+
+--profile traces a few steps of each timed run (`jax.profiler`, one directory each)
+and prints each step's busiest GPU ops (`jaxmoe.profile_report`).
 """
 
 from __future__ import annotations
@@ -19,19 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmoe
+from jaxmoe import profile_report
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import interleaved_ms  # noqa: E402
 
 
-def parse_shape(argv, description: str):
-  """(args, (M, H, F, G)) from --tokens --hidden --ffn --experts, and --out."""
+def parse_shape(argv, description: str, profile: bool = False):
+  """(args, (M, H, F, G)) from --tokens --hidden --ffn --experts, --out and, where
+  `profile`, --profile."""
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--tokens", type=int, default=16384)
   p.add_argument("--hidden", type=int, default=2048)
   p.add_argument("--ffn", type=int, default=4096)
   p.add_argument("--experts", type=int, default=8)
   p.add_argument("--out", help="write the times here as JSON")
+  if profile:
+    p.add_argument("--profile", help="trace the timed steps into this directory")
   args = p.parse_args(argv)
   return args, (args.tokens, args.hidden, args.ffn, args.experts)
 
@@ -47,7 +55,8 @@ def write_result(path, script: str, argv, shape, **fields) -> None:
 
 
 def main(argv=None) -> None:
-  args, (m, h, f, g) = parse_shape(argv, "the FP8 expert MLP's step against bf16's")
+  args, (m, h, f, g) = parse_shape(argv, "the FP8 expert MLP's step against bf16's",
+                                    profile=True)
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (m, h), jnp.bfloat16)
   w1 = jax.random.normal(keys[1], (g, h, f), jnp.float32) / np.sqrt(h)
@@ -87,6 +96,15 @@ def main(argv=None) -> None:
     print(f"{name}: fwd+bwd {t:.2f} ms ({6 * 2 * m * h * f / t / 1e9:.0f} TF/s)")
   for name in timed[:2]:
     print(f"{name} / bf16 kernels speed: {ms['bf16_kernels'] / ms[name]:.2f}x")
+  if args.profile:
+    for name in timed:
+      trace_dir = os.path.join(args.profile, name)
+      with jax.profiler.trace(trace_dir):
+        for _ in range(3):
+          jax.block_until_ready(runs[name](*operands))
+      with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as file:
+        file.write(runs[name].lower(*operands).compile().as_text())
+      print(f"{name}: 3 steps\n{profile_report.summary(trace_dir, top=24)}")
   if args.out:
     write_result(args.out, "fp8_mlp_check.py", argv, (m, h, f, g), fwd_bwd_ms=ms)
   labels = ["y", "dx", "dw1", "dw2", "dscales"]

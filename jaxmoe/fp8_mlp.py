@@ -13,18 +13,18 @@ and the backward pass reuses the forward's quantised activations:
     backward
     dyq = quantize_rows(dy)
     da  = gmm_fp8(dyq, w2q, transpose_rhs=True)   float32, w2q's [G, F, H] layout as stored
-    dh  = da * p * 2 relu(h),  dp = sum_j da_j relu(h_j)**2,  db1 = per-expert sum of dh
+    dh  = da * p * 2 relu(h)                      in h's dtype
+    dp  = sum_j da_j relu(h_j)**2,  db1 = per-expert sum of dh
     dhq = quantize_rows(dh)
     dx  = gmm_fp8(dhq, w1q, transpose_rhs=True)
     dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype
 
-With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
-dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
-each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
-dequant(xq) and dh). The SReLU, its derivative
-and the quantisations are XLA ops on every backend: XLA fuses each into the one
-elementwise pass that quantises its result (a, dh), which the standalone SReLU
-kernels (`pallas_kernels.activation`) would split into two passes over HBM.
+The SReLU derivative runs in FC2's input-gradient epilogue
+(`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). The SReLU and
+the quantisations are XLA fusions (XLA fuses the SReLU into the pass that quantises a). With wgrad_dtype bf16 the weight gradients are bf16
+grouped GEMMs on the dequantised saved activations; with float8_e4m3fn, `tgmm_fp8`
+on column tiles of each group's rows (`quantize.quantize_columns` of dequant(aq) and
+dy, of dequant(xq) and dh).
 
 The residuals are tagged inside the forward rule under the bf16 path's names, each
 FP8 residual as a (values, scales) pair under one name, so `offload_policy` moves
@@ -44,7 +44,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
+from pallas_kernels import activation
 from pallas_kernels import quantize
+from pallas_kernels import reference
 from jaxmoe import fp8 as fp8_lib
 from jaxmoe import offload
 
@@ -86,17 +88,6 @@ def _restored(q):
                    for a in q[:-1]), q[-1])
 
 
-def _srelu(h, p):
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return relu * relu * p[:, None].astype(jnp.float32)
-
-
-def _dsrelu(da, h, p):
-  """(dh, dp) in float32 from da [M, F] float32."""
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return da * p[:, None].astype(jnp.float32) * (2.0 * relu), jnp.sum(da * relu * relu, axis=1)
-
-
 @functools.cache
 def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   x_dtype, w1_dtype, w2_dtype, b1_dtype, p_dtype = dtypes
@@ -122,8 +113,9 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
       b1_rows = jnp.concatenate([b1, jnp.zeros_like(b1[:1])])[
           _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
       h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
-    h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
-    aq = quantize.quantize_rows(_srelu(h, p))
+    h = h.astype(x_dtype)
+    aq = reference.srelu_quantized_xla(h, p)
+    h = checkpoint_name(h, offload.ACTIVATION_INPUT)
     y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     # The backward pass reads the weights' [G, in, out] layout only (values_t is the
     # forward's), with their scales.
@@ -140,9 +132,8 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   def backward(residuals, dy):
     xq, (w1q, w2q), group_sizes, p, h, aq = residuals
     xq, w1q, w2q, aq = map(_restored, (xq, w1q, w2q, aq))
-    da = gmm_fp8(quantize.quantize_rows(dy), w2q, group_sizes, transpose_rhs=True,
-                 out_dtype=jnp.float32)
-    dh, dp = _dsrelu(da, h, p)
+    dh, dp = activation.gmm_fp8_dsrelu(quantize.quantize_rows(dy), w2q, group_sizes,
+                                       h.astype(_gmm_dtype(h.dtype)), p, backend=backend)
     dx = gmm_fp8(quantize.quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
                  out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     dw2 = wgrad(quantize.dequantize_rows(aq), dy, group_sizes, w2_dtype)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels import ops
+from pallas_kernels import quantize
 from pallas_kernels import reference
 
 
@@ -71,6 +72,11 @@ def _fused_bwd_kernel():
   return fused_srelu_mgpu.gmm_dsrelu_mgpu
 
 
+def _fused_fp8_bwd_kernel():
+  from pallas_kernels import fused_srelu_mgpu
+  return fused_srelu_mgpu.gmm_fp8_dsrelu_mgpu
+
+
 def gmm_srelu(x: jax.Array, w1: jax.Array, group_sizes: jax.Array, p: jax.Array, *,
               backend: common.Backend = "auto") -> tuple[jax.Array, jax.Array]:
   """FC1 with the activation in its epilogue (not differentiable on its own).
@@ -102,3 +108,31 @@ def gmm_dsrelu(dy: jax.Array, w2: jax.Array, group_sizes: jax.Array, h: jax.Arra
   common.validate_gmm(dy, w2, group_sizes, transpose_rhs=True)
   return ops.dispatch(backend, _fused_bwd_kernel, reference.gmm_dsrelu_xla,
                       dy, w2, group_sizes, h, p)
+
+
+def gmm_fp8_dsrelu(dy: quantize.RowQuantized, w2: quantize.BlockQuantized,
+                   group_sizes: jax.Array, h: jax.Array, p: jax.Array, *,
+                   backend: common.Backend = "auto") -> tuple[jax.Array, jax.Array]:
+  """`gmm_dsrelu` on blockwise FP8 operands: da = dequant(dy)_g @ dequant(w2)_g.T in
+  float32 (as `ops.gmm_fp8(dy, w2, transpose_rhs=True)`), never stored.
+
+  Args:
+    dy: `quantize.quantize_rows` of [M, H]; w2: `quantize.quantize_blocks` of
+      [G, F, H] (`values_t` unused); group_sizes: [G] int32; h: [M, F] bf16 or f32;
+      p: [M].
+
+  Returns:
+    (dh [M, F] in h.dtype, dp [M] float32).
+  """
+  common.check_backend(backend)
+  common.check_group_sizes(group_sizes, w2.values.shape[0])
+  (m, k), (_, f, w2_k) = dy.values.shape, w2.values.shape
+  if w2_k != k:
+    raise ValueError(f"Contracting sizes differ: dy is [M, H] = {(m, k)} but w2 is "
+                     f"[G, F, H] = {tuple(w2.values.shape)}.")
+  if h.shape != (m, f) or p.shape != (m,):
+    raise ValueError(f"Expected h of shape {(m, f)} and p of shape {(m,)}, got "
+                     f"{tuple(h.shape)} and {tuple(p.shape)}.")
+  return ops.dispatch(backend, _fused_fp8_bwd_kernel, reference.gmm_fp8_dsrelu_xla,
+                      dy.values, dy.scales, w2.values, jnp.swapaxes(w2.scales, 1, 2),
+                      group_sizes, h, p)

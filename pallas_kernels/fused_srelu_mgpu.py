@@ -4,8 +4,9 @@ FC1 forward, `gmm_srelu_mgpu`: from the float32 accumulator of x @ w1, one pass
 writes h ("activation_input") and a = relu(h)**2 * p ("fc2_input"); no separate
 activation kernel and no second read of h.
 
-FC2 backward, `gmm_dsrelu_mgpu`: the input-gradient GEMM da = dy @ w2.T ends in an
-epilogue that reads h and p and writes dh = da * p * 2 relu(h) and the per-row
+FC2 backward, `gmm_dsrelu_mgpu` (and `gmm_fp8_dsrelu_mgpu`: the same epilogue
+after `gmm_fp8_mgpu`'s main loop): the input-gradient GEMM da = dy @ w2.T ends in
+an epilogue that reads h and p and writes dh = da * p * 2 relu(h) and the per-row
 dp = sum_j da_j relu(h_j)**2; da never reaches HBM. dp is summed over n-tiles: each
 (item, n-tile) stores its [block_m] partial sums in its own slot, which a small
 XLA scatter adds up by row (items of one tile own disjoint rows, see metadata.py).
@@ -22,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
 from pallas_kernels import config as config_lib
+from pallas_kernels import gmm_fp8_mgpu
 from pallas_kernels import gmm_mgpu
 from pallas_kernels import srelu_mgpu
 
@@ -186,11 +188,49 @@ def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, confi
   return dh, _sum_dp_by_row(dp_partial, meta, m)
 
 
+def _fp8_config(epilogue, m: int, k: int, n: int, g: int, out_itemsize: int):
+  """`config.fp8_gmm_config`, its pipeline shortened until the epilogue's scratch fits."""
+  cfg = config_lib.fp8_gmm_config(m, k, n, g, out_itemsize)
+  while cfg.max_concurrent_steps > 2:
+    try:
+      epilogue.check_smem(cfg, 1, out_itemsize)
+      break
+    except NotImplementedError:
+      cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+  return cfg
+
+
+def gmm_fp8_dsrelu_mgpu(dy_values, dy_scales, w2_values, w2_scales, group_sizes, h, p, *,
+                        interpret: bool = False, config=None):
+  """`gmm_dsrelu_mgpu` on blockwise FP8 operands: (dh [M, F] in h.dtype, dp [M] f32)
+  from da = dequant(dy)_g @ dequant(w2)_g.T (`gmm_fp8_mgpu`'s main loop), never stored.
+
+  dy_values [M, H] e4m3, dy_scales [H // 128, M] f32 (`quantize_rows(dy)`); w2_values
+  [G, F, H] e4m3 and w2_scales [G, H // 128, F // 128] f32 (`quantize_blocks(w2)`'s
+  values and swapped scales); h [M, F] bf16 or f32; p [M].
+  config: default `config.fp8_gmm_config`.
+  """
+  (m, k), (g, n, _) = dy_values.shape, w2_values.shape
+  if config is None:
+    config = _fp8_config(DSReLUEpilogue(), m, k, n, g, h.dtype.itemsize)
+  h_tiles = _at_least_rows(h, config.block_m)
+  p = _at_least_rows(p.astype(jnp.float32), config.block_m)
+  (dh, dp_partial), meta = gmm_fp8_mgpu.gmm_fp8_mgpu_with_epilogue(
+      dy_values, dy_scales, w2_values, w2_scales, group_sizes, DSReLUEpilogue(),
+      (h_tiles, p), out_dtype=h.dtype, interpret=interpret, config=config)
+  return dh, _sum_dp_by_row(dp_partial, meta, m)
+
+
 def _sum_dp_by_row(dp_partial, meta, m: int) -> jax.Array:
   """dp[r] = sum over n-tiles of the slot of the item that owns row r."""
-  block_m = dp_partial.shape[2]
+  return jnp.sum(_rows_of_items(dp_partial, meta, m), axis=0)
+
+
+def _rows_of_items(slots, meta, m: int) -> jax.Array:
+  """[T, M] from per-item slots [items, T, block_m]: row r's values from the slot of
+  the item that owns it (each row has one owner; padding items own the padding)."""
+  block_m = slots.shape[2]
   rows = meta.tile_row0[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]
   owned = (rows >= meta.row_start[:, None]) & (rows < meta.row_end[:, None])
-  per_item = jnp.sum(dp_partial, axis=1)
-  return jnp.zeros((m,), jnp.float32).at[jnp.where(owned, rows, m)].add(
-      per_item, mode="drop")
+  return jnp.zeros((slots.shape[1], m), slots.dtype).at[:, jnp.where(owned, rows, m)].set(
+      jnp.swapaxes(slots, 0, 1), mode="drop")

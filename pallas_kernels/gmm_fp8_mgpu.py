@@ -218,9 +218,16 @@ def _paired_mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where
     _scale_rows(lhs_scales_gmem, tile_row0, bm))
 
 
-def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype):
-  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), outs = (
-      gmm_mgpu._split_refs(refs, 2))
+def _split_refs(refs, num_extra_inputs: int):
+  """(metadata refs, lhs, rhs, lhs scales, rhs scales, the epilogue's inputs...,
+  outputs...) -> (meta, lhs, rhs, (lhs scales, rhs scales), epilogue inputs, outputs)."""
+  meta, lhs_gmem, rhs_gmem, ins, outs = gmm_mgpu._split_refs(refs, 2 + num_extra_inputs)
+  return meta, lhs_gmem, rhs_gmem, ins[:2], ins[2:], outs
+
+
+def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_inputs):
+  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), ins, outs = (
+      _split_refs(refs, num_extra_inputs))
 
   def accumulate(item, where):
     group = meta.group_id[item]
@@ -232,19 +239,18 @@ def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype):
     # Padding items store zeros.
     return lax.cond(meta.compute[item] != 0, compute, lambda: _zeros(cfg))
 
-  gmm_mgpu.one_warpgroup_items(meta, accumulate, (), outs, cfg=cfg, num_items=num_items,
-                               epilogue=gmm_mgpu.Epilogue(), n=n, out_dtype=out_dtype)
+  gmm_mgpu.one_warpgroup_items(meta, accumulate, ins, outs, cfg=cfg, num_items=num_items,
+                               epilogue=epilogue, n=n, out_dtype=out_dtype)
 
 
-def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype):
+def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_inputs):
   """Warp-specialised (cfg.num_compute_wgs == 2): warpgroup 2 issues the TMA loads
   of lhs, rhs and row-scale tiles; consumer warpgroups 0 and 1 each promote the
   K blocks of the left or right block_m x block_n half of the item's tile (as
   DeepGEMM, one consumer's promotion runs beside the other's wgmma) and store it."""
-  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), outs = (
-      gmm_mgpu._split_refs(refs, 2))
+  meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), ins, outs = (
+      _split_refs(refs, num_extra_inputs))
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
-  epilogue = gmm_mgpu.Epilogue()
   get_pipeline = functools.partial(
       gmm_mgpu.ws_pipeline, k=lhs_gmem.shape[1], dtype=lhs_gmem.dtype, cfg=cfg,
       transpose_rhs=True, extra_in_specs=(_row_scales_spec(cfg, memory_space=plgpu.SMEM),))
@@ -255,15 +261,18 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype):
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
           lhs_gmem, rhs_gmem.at[0], lhs_scales_gmem),
       o_smem=gmm_mgpu.staging_smem((2, cfg.staged_rows, cfg.staged_cols), out_dtype),
+      **gmm_mgpu._epilogue_scratch(epilogue, cfg, 2),
       collective_axes="wg",
   )
-  def _(pipeline_allocs, o_smem):
+  def _(pipeline_allocs, o_smem, epi_smem, epi_barriers):
     o_smem = gmm_mgpu.Staging(*o_smem)
     wg = lax.axis_index("wg")
+    scratch, barriers = gmm_mgpu._scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
     def store(acc, item, n_cta):
       where = gmm_mgpu._item_where(meta, item, n_cta * 2 + wg, cfg)
-      epilogue(acc, o_smem.of_consumer(wg), (), outs, [], [], item=item, where=where)
+      epilogue(acc, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
+               where=where)
 
     def compute_item(item, n_cta):
       group, tile_row0 = meta.group_id[item], meta.tile_row0[item]
@@ -321,15 +330,30 @@ def gmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.A
     NotImplementedError: for inputs the kernel does not support (dtypes, K or N not
       a multiple of 128, M not a positive multiple of 8, no Hopper GPU).
   """
+  (out,), _ = gmm_fp8_mgpu_with_epilogue(
+      lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes, gmm_mgpu.Epilogue(), (),
+      out_dtype=out_dtype, interpret=interpret, config=config)
+  return out
+
+
+def gmm_fp8_mgpu_with_epilogue(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
+                               epilogue: gmm_mgpu.Epilogue, extra_inputs: tuple, *,
+                               out_dtype=jnp.bfloat16, interpret: bool = False,
+                               config: config_lib.Fp8GmmConfig | None = None):
+  """`gmm_fp8_mgpu` with a custom epilogue (`gmm_mgpu.Epilogue`, on each consumer's
+  float32 block_m x block_n tile); returns (the epilogue's outputs, metadata)."""
   out_dtype = jnp.dtype(out_dtype)
   cfg = check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
                         out_dtype=out_dtype, interpret=interpret, config=config)
   m, n = lhs_values.shape[0], rhs_values.shape[1]
+  epilogue.check_supported(m, cfg)
+  epilogue.check_smem(cfg, 1, out_dtype.itemsize)
   meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.block_m, interpret=interpret)
   kernel = gmm_mgpu.launch(
       functools.partial(_gmm_fp8_kernel_ws if cfg.num_compute_wgs > 1 else _gmm_fp8_kernel,
-                        cfg=cfg, num_items=meta.num_items, n=n,
-                        out_dtype=out_dtype),
-      (jax.ShapeDtypeStruct((m, n), out_dtype),), meta, n=n, cfg=cfg, interpret=interpret)
-  (out,) = kernel(*meta.arrays(), lhs_values, rhs_values, lhs_scales, rhs_scales)
-  return out
+                        cfg=cfg, num_items=meta.num_items, n=n, out_dtype=out_dtype,
+                        epilogue=epilogue, num_extra_inputs=len(extra_inputs)),
+      epilogue.out_types(m, n, out_dtype, meta.num_items, cfg), meta, n=n, cfg=cfg,
+      interpret=interpret)
+  outs = kernel(*meta.arrays(), lhs_values, rhs_values, lhs_scales, rhs_scales, *extra_inputs)
+  return outs, meta

@@ -169,8 +169,8 @@ def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None,
   x, w1, w2 and a = relu(h)**2 * p forward; dy and dh backward. The weight gradients
   take the dequantised a and x and the unquantised dy and dh, rounded to bf16 (the
   recipe's wgrad_dtype "bfloat16"), or all four (as float32) quantised by column tiles
-  of each group ("float8_e4m3fn"); everything else is exact, except h, rounded to
-  `h_dtype` (e.g. "bfloat16": the kernels store h in x's dtype) when given.
+  of each group ("float8_e4m3fn"); everything else is exact, except h and dh, rounded to
+  `h_dtype` (e.g. "bfloat16": the kernels store h, and dh, in x's dtype) when given.
 
   Returns y, or (y, {"x", "w1", "w2", "scales", "b1"}) when dy is given.
   """
@@ -191,6 +191,8 @@ def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None,
     return y
   da = gmm(quantize_rows(dy)[0], w2d, group_sizes, transpose_rhs=True)
   dh = da * p[:, None] * 2 * relu
+  if h_dtype is not None:
+    dh = _round(dh, h_dtype)  # the dgrad epilogue writes dh in h's dtype
   dx = gmm(quantize_rows(dh)[0], w1d, group_sizes, transpose_rhs=True)
   if wgrad_dtype == "bfloat16":
     wgrad_operand = lambda a: _round(a, "bfloat16")  # noqa: E731

@@ -283,3 +283,74 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   ref = np.asarray(ref, np.float64)[:used]
   err = np.linalg.norm(out[:used] - ref) / np.linalg.norm(ref)
   assert err < tol, err
+
+
+def _dsrelu_reference(dy_values, dy_scales, w2_values, w2_scales, sizes, h, p):
+  """(dh, dp) in float64 from da = dequant(dy) @ dequant(w2).T per group."""
+  da = _reference(dy_values, dy_scales, w2_values, w2_scales, sizes)
+  relu = np.maximum(np.float64(h), 0.0)
+  p = np.float64(p)[:, None]
+  return da * p * 2 * relu, np.sum(da * relu**2, axis=1)
+
+
+@pytest.mark.parametrize("m,k,n,sizes,h_dtype,cfg", [
+    (256, 256, 256, [50, 0, 131, 75], jnp.float32, None),  # an empty group
+    (200, 256, 512, [17, 0, 0, 150], jnp.bfloat16, None),  # 33 padding rows
+    (256, 384, 256, [0, 256, 0], jnp.float32, WS),  # all rows in one group
+    (40, 128, 256, [3, 30], jnp.float32, SMALL),  # M < block_m, one warpgroup
+])
+def test_gmm_fp8_dsrelu_interpret(m, k, n, sizes, h_dtype, cfg):
+  """The dSReLU epilogue after the FP8 main loop (`gmm_fp8_dsrelu_mgpu`): dh in
+  h's dtype and dp against float64; padding rows zero."""
+  from pallas_kernels.fused_srelu_mgpu import gmm_fp8_dsrelu_mgpu
+  rng = np.random.default_rng(m + n)
+  operands = _operands(rng, m, k, n, len(sizes), dgrad=True)
+  h = jnp.asarray(rng.standard_normal((m, n)), h_dtype)
+  p = jnp.asarray(rng.uniform(0.1, 1.0, m), jnp.float32)
+  dh, dp = gmm_fp8_dsrelu_mgpu(*operands, jnp.asarray(sizes, jnp.int32), h, p,
+                               interpret=True, config=cfg)
+  assert dh.shape == (m, n) and dh.dtype == h_dtype and dp.shape == (m,)
+  dh, dp = np.asarray(dh.astype(jnp.float32)), np.asarray(dp)
+  used = sum(sizes)
+  assert (dh[used:] == 0).all() and (dp[used:] == 0).all(), "padding rows must be zeros"
+  dh_ref, dp_ref = _dsrelu_reference(*operands, sizes, h, p)
+  assert_close(dh[:used], dh_ref[:used], TOL[h_dtype], "dh")
+  assert_close(dp[:used], dp_ref[:used], 1e-5, "dp")
+
+
+@pytest.mark.parametrize("m,h,f,g", [(16384, 2048, 4096, 8), (16384, 4096, 1024, 64)])
+def test_gmm_fp8_dsrelu_lowers_for_h100(m, h, f, g):
+  from pallas_kernels.fused_srelu_mgpu import gmm_fp8_dsrelu_mgpu
+  f8 = quantize.FP8
+  text = lower_for_h100(
+      lambda *a: gmm_fp8_dsrelu_mgpu(*a),
+      jax.ShapeDtypeStruct((m, h), f8), jax.ShapeDtypeStruct((h // BLOCK, m), jnp.float32),
+      jax.ShapeDtypeStruct((g, f, h), f8),
+      jax.ShapeDtypeStruct((g, h // BLOCK, f // BLOCK), jnp.float32),
+      jax.ShapeDtypeStruct((g,), jnp.int32), jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
+      jax.ShapeDtypeStruct((m,), jnp.float32))
+  wgmmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", text)
+  assert wgmmas and all(w.endswith(".f32.e4m3.e4m3") for w in wgmmas), wgmmas
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,h,f,g,pad", [(16384, 2048, 4096, 8, 1000),
+                                         (16384, 4096, 1024, 64, 301)])
+def test_gmm_fp8_dsrelu_full_size(m, h, f, g, pad):
+  """On the GPU against the XLA reference (`reference.gmm_fp8_dsrelu_xla`)."""
+  from pallas_kernels import reference
+  from pallas_kernels.fused_srelu_mgpu import gmm_fp8_dsrelu_mgpu
+  keys = jax.random.split(jax.random.key(m + f), 4)
+  dyq = jax.jit(quantize.quantize_rows)(jax.random.normal(keys[0], (m, h), jnp.float32))
+  w2q = jax.jit(quantize.quantize_blocks)(jax.random.normal(keys[1], (g, f, h), jnp.float32))
+  hh = jax.random.normal(keys[2], (m, f), jnp.bfloat16)
+  p = jax.random.uniform(keys[3], (m,), jnp.float32, 0.1, 1.0)
+  gs = gpu_group_sizes(np.random.default_rng(g), m - pad, g, empty_every=5)
+  args = (dyq.values, dyq.scales, w2q.values, jnp.swapaxes(w2q.scales, 1, 2), gs, hh, p)
+  dh, dp = jax.jit(gmm_fp8_dsrelu_mgpu)(*args)
+  dh_ref, dp_ref = jax.jit(reference.gmm_fp8_dsrelu_xla)(*args)
+  used = int(gs.sum())
+  dh = np.asarray(dh.astype(jnp.float32))
+  assert (dh[used:] == 0).all()
+  assert_close(dh[:used], np.asarray(dh_ref.astype(jnp.float32))[:used], 1e-2, "dh")
+  assert_close(np.asarray(dp)[:used], np.asarray(dp_ref)[:used], 1e-3, "dp")
