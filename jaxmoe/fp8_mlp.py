@@ -113,9 +113,8 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
       b1_rows = jnp.concatenate([b1, jnp.zeros_like(b1[:1])])[
           _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
       h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
-    h = h.astype(x_dtype)
+    h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
     aq = reference.srelu_quantized_xla(h, p)
-    h = checkpoint_name(h, offload.ACTIVATION_INPUT)
     y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     # The backward pass reads the weights' [G, in, out] layout only (values_t is the
     # forward's), with their scales.
