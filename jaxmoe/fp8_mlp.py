@@ -21,10 +21,11 @@ and the backward pass reuses the forward's quantised activations:
 
 The SReLU derivative runs in FC2's input-gradient epilogue
 (`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). The SReLU and
-the quantisations are XLA fusions (XLA fuses the SReLU into the pass that quantises a). With wgrad_dtype bf16 the weight gradients are bf16
-grouped GEMMs on the dequantised saved activations; with float8_e4m3fn, `tgmm_fp8`
-on column tiles of each group's rows (`quantize.quantize_columns` of dequant(aq) and
-dy, of dequant(xq) and dh).
+the quantisations are XLA fusions (XLA fuses the SReLU into the pass that quantises
+a). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
+dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
+each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
+dequant(xq) and dh).
 
 The residuals are tagged inside the forward rule under the bf16 path's names, each
 FP8 residual as a (values, scales) pair under one name, so `offload_policy` moves
@@ -46,7 +47,6 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 from pallas_kernels import activation
 from pallas_kernels import quantize
-from pallas_kernels import reference
 from jaxmoe import fp8 as fp8_lib
 from jaxmoe import offload
 
@@ -88,6 +88,11 @@ def _restored(q):
                    for a in q[:-1]), q[-1])
 
 
+def _srelu(h, p):
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return relu * relu * p[:, None].astype(jnp.float32)
+
+
 @functools.cache
 def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   x_dtype, w1_dtype, w2_dtype, b1_dtype, p_dtype = dtypes
@@ -114,7 +119,7 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
           _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
       h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
     h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
-    aq = reference.srelu_quantized_xla(h, p)
+    aq = quantize.quantize_rows(_srelu(h, p))
     y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     # The backward pass reads the weights' [G, in, out] layout only (values_t is the
     # forward's), with their scales.

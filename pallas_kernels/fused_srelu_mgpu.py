@@ -188,18 +188,6 @@ def gmm_dsrelu_mgpu(dy, w2, group_sizes, h, p, *, interpret: bool = False, confi
   return dh, _sum_dp_by_row(dp_partial, meta, m)
 
 
-def _fp8_config(epilogue, m: int, k: int, n: int, g: int, out_itemsize: int):
-  """`config.fp8_gmm_config`, its pipeline shortened until the epilogue's scratch fits."""
-  cfg = config_lib.fp8_gmm_config(m, k, n, g, out_itemsize)
-  while cfg.max_concurrent_steps > 2:
-    try:
-      epilogue.check_smem(cfg, 1, out_itemsize)
-      break
-    except NotImplementedError:
-      cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-  return cfg
-
-
 def gmm_fp8_dsrelu_mgpu(dy_values, dy_scales, w2_values, w2_scales, group_sizes, h, p, *,
                         interpret: bool = False, config=None):
   """`gmm_dsrelu_mgpu` on blockwise FP8 operands: (dh [M, F] in h.dtype, dp [M] f32)
@@ -212,7 +200,7 @@ def gmm_fp8_dsrelu_mgpu(dy_values, dy_scales, w2_values, w2_scales, group_sizes,
   """
   (m, k), (g, n, _) = dy_values.shape, w2_values.shape
   if config is None:
-    config = _fp8_config(DSReLUEpilogue(), m, k, n, g, h.dtype.itemsize)
+    config = config_lib.fp8_gmm_config(m, k, n, g, h.dtype.itemsize)
   h_tiles = _at_least_rows(h, config.block_m)
   p = _at_least_rows(p.astype(jnp.float32), config.block_m)
   (dh, dp_partial), meta = gmm_fp8_mgpu.gmm_fp8_mgpu_with_epilogue(
@@ -223,14 +211,9 @@ def gmm_fp8_dsrelu_mgpu(dy_values, dy_scales, w2_values, w2_scales, group_sizes,
 
 def _sum_dp_by_row(dp_partial, meta, m: int) -> jax.Array:
   """dp[r] = sum over n-tiles of the slot of the item that owns row r."""
-  return jnp.sum(_rows_of_items(dp_partial, meta, m), axis=0)
-
-
-def _rows_of_items(slots, meta, m: int) -> jax.Array:
-  """[T, M] from per-item slots [items, T, block_m]: row r's values from the slot of
-  the item that owns it (each row has one owner; padding items own the padding)."""
-  block_m = slots.shape[2]
+  block_m = dp_partial.shape[2]
   rows = meta.tile_row0[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]
   owned = (rows >= meta.row_start[:, None]) & (rows < meta.row_end[:, None])
-  return jnp.zeros((slots.shape[1], m), slots.dtype).at[:, jnp.where(owned, rows, m)].set(
-      jnp.swapaxes(slots, 0, 1), mode="drop")
+  per_item = jnp.sum(dp_partial, axis=1)
+  return jnp.zeros((m,), jnp.float32).at[jnp.where(owned, rows, m)].add(
+      per_item, mode="drop")

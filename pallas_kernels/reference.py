@@ -102,12 +102,6 @@ def gmm_fp8_xla(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Ar
   return _rounded(out, out_dtype)
 
 
-def srelu_quantized_xla(h: jax.Array, p: jax.Array) -> quantize.RowQuantized:
-  """`quantize.quantize_rows` of a = relu(h)**2 * p[:, None], computed in float32."""
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return quantize.quantize_rows(relu * relu * p[:, None].astype(jnp.float32))
-
-
 def gmm_fp8_dsrelu_xla(dy_values, dy_scales, w2_values, w2_scales, group_sizes, h, p
                        ) -> tuple[jax.Array, jax.Array]:
   """`gmm_fp8_dsrelu_mgpu`'s reference: (dh [M, F] in h.dtype, dp [M] f32) from the
