@@ -39,7 +39,9 @@ def main(argv=None) -> None:
   parts = {
       "quantize_rows x [M,H]": (jit(quantize.quantize_rows), (x,)),
       "quantize_rows a [M,F]": (jit(quantize.quantize_rows), (a,)),
-      "quantize_blocks w1 [G,H,F]": (jit(quantize.quantize_blocks), (w1,)),
+      "quantize_blocks w1 [G,H,F] (XLA)": (jit(quantize.quantize_blocks), (w1,)),
+      "quantize_blocks w1 [G,H,F] (kernel)": (jit(pallas_kernels.quantize_blocks), (w1,)),
+      "cast w1 to bf16 [G,H,F]": (jit(lambda w: w.astype(jnp.bfloat16)), (w1,)),
       "quantize_columns x [M,H]": (jit(quantize.quantize_columns), (x, gs)),
       "quantize_columns dequant(xq)": (
           jit(lambda q, s: quantize.quantize_columns(quantize.dequantize_rows(q), s)), (xq, gs)),

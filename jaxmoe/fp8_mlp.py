@@ -20,9 +20,10 @@ and the backward pass reuses the forward's quantised activations:
     dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype
 
 The SReLU derivative runs in FC2's input-gradient epilogue
-(`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). The SReLU and
-the quantisations are XLA fusions (XLA fuses the SReLU into the pass that quantises
-a). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
+(`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). The weights are
+quantised in one pass each (`pallas_kernels.quantize_blocks`, a Pallas kernel that
+writes both layouts); the SReLU and the activations' quantisations are XLA fusions
+(XLA fuses the SReLU into the pass that quantises a). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
 dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
 each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
 dequant(xq) and dh).
@@ -112,7 +113,7 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
 
   def forward(x, w1, w2, b1, group_sizes, p):
     xq = quantize.quantize_rows(x)
-    w1q, w2q = quantize.quantize_blocks(w1), quantize.quantize_blocks(w2)
+    w1q, w2q = (pallas_kernels.quantize_blocks(w, backend=backend) for w in (w1, w2))
     h = gmm_fp8(xq, w1q, group_sizes, out_dtype=_gmm_dtype(x_dtype))
     if b1 is not None:
       b1_rows = jnp.concatenate([b1, jnp.zeros_like(b1[:1])])[

@@ -10,8 +10,10 @@ expressed in terms of the same two ops:
 
 `gmm_fp8` and `tgmm_fp8` dispatch the blockwise-scaled FP8 grouped GEMMs
 (`gmm_fp8_mgpu.py`, `tgmm_fp8_mgpu.py`; XLA references `reference.gmm_fp8_xla`,
-`reference.tgmm_fp8_xla`); they have no VJP of their own: the FP8 expert MLP
-(`jaxmoe/fp8_mlp.py`) is one custom_vjp over its six GEMMs.
+`reference.tgmm_fp8_xla`), and `quantize_blocks` the weights' one-pass FP8
+quantisation (`quantize_blocks_triton.py`; XLA: `quantize.quantize_blocks`). None
+has a VJP of its own: the FP8 expert MLP (`jaxmoe/fp8_mlp.py`) is one custom_vjp
+over its six GEMMs.
 """
 
 from __future__ import annotations
@@ -143,6 +145,22 @@ def tgmm_fp8(lhs: quantize.RowQuantized, rhs: quantize.RowQuantized,
                   out_dtype=jnp.dtype(out_dtype))
 
 
+def quantize_blocks(w: jax.Array, *, backend: common.Backend = "auto"
+                    ) -> quantize.BlockQuantized:
+  """`quantize.quantize_blocks` of a weight w [G, K, N] (K, N multiples of 128):
+  values [G, K, N] and values_t [G, N, K] e4m3, scales [G, K // 128, N // 128] f32.
+
+  backend: "mosaic_gpu" / "interpret" run the one-pass Pallas kernel
+  (`quantize_blocks_triton.py`, a Triton kernel, or the Pallas interpreter), "xla" the
+  XLA fusions of `quantize.quantize_blocks`, "auto" the kernel on a Hopper GPU. The
+  numbers are the same either way.
+  """
+  common.check_backend(backend)
+  common.check_rank("w", w, 3, "[G, K, N]")
+  common.check_float("w", w)
+  return dispatch(backend, _quantize_blocks_kernel, quantize.quantize_blocks, w)
+
+
 def _run_gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, backend):
   return dispatch(backend, _gmm_kernel, reference.gmm_xla, lhs, rhs, group_sizes,
                   transpose_rhs=transpose_rhs, out_dtype=out_dtype)
@@ -192,6 +210,11 @@ def _vary_like_inputs(out, args):
 def _gmm_kernel():
   from pallas_kernels import gmm_mgpu
   return gmm_mgpu.gmm_mgpu
+
+
+def _quantize_blocks_kernel():
+  from pallas_kernels import quantize_blocks_triton
+  return quantize_blocks_triton.quantize_blocks_triton
 
 
 def _gmm_fp8_kernel():

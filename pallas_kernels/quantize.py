@@ -63,33 +63,34 @@ class GroupBlocks(NamedTuple):
   size: jax.Array
 
 
-def _check_blocks(name: str, x: jax.Array, axes: tuple[int, ...]) -> None:
+def check_blocks(name: str, x: jax.Array, axes: tuple[int, ...]) -> None:
   for axis in axes:
     if x.shape[axis] % BLOCK:
       raise ValueError(f"FP8 quantisation of '{name}' needs its axis {axis} to be a "
                        f"multiple of {BLOCK}; got shape {tuple(x.shape)}.")
 
 
-def _scale(amax: jax.Array) -> jax.Array:
+def scale_of(amax: jax.Array) -> jax.Array:
+  """A tile's scale from its amax: amax / 448, or 1 for an all-zero tile."""
   return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
 
 
 def quantize_rows(x: jax.Array) -> RowQuantized:
   """x [M, K] float -> RowQuantized, one scale per row per 128 columns (K % 128 == 0)."""
-  _check_blocks("x", x, (1,))
+  check_blocks("x", x, (1,))
   m, k = x.shape
   tiles = x.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
-  scales = _scale(jnp.max(jnp.abs(tiles), axis=2))  # [M, K // 128]
+  scales = scale_of(jnp.max(jnp.abs(tiles), axis=2))  # [M, K // 128]
   values = (tiles / scales[:, :, None]).astype(FP8).reshape(m, k)
   return RowQuantized(values, scales.T)
 
 
 def quantize_blocks(w: jax.Array) -> BlockQuantized:
   """w [G, K, N] float -> BlockQuantized, one scale per 128x128 block."""
-  _check_blocks("w", w, (1, 2))
+  check_blocks("w", w, (1, 2))
   g, k, n = w.shape
   blocks = w.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
-  scales = _scale(jnp.max(jnp.abs(blocks), axis=(2, 4)))  # [G, K // 128, N // 128]
+  scales = scale_of(jnp.max(jnp.abs(blocks), axis=(2, 4)))  # [G, K // 128, N // 128]
   values = (blocks / scales[:, :, None, :, None]).astype(FP8).reshape(g, k, n)
   return BlockQuantized(values, jnp.swapaxes(values, 1, 2), scales)
 
