@@ -25,9 +25,10 @@ from timing import interleaved_ms  # noqa: E402
 
 def main(argv=None) -> None:
   args, (m, h, f, g) = parse_shape(argv, "the FP8 expert MLP's parts one by one")
-  keys = jax.random.split(jax.random.key(0), 3)
+  keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (m, h), jnp.bfloat16)
-  a = jax.random.normal(keys[1], (m, f), jnp.bfloat16)
+  a = jax.random.normal(keys[1], (m, f), jnp.bfloat16)  # also h, FC1's output
+  p = jax.random.uniform(keys[3], (m,), jnp.float32, 0.1, 1.0)
   w1 = jax.random.normal(keys[2], (g, h, f), jnp.float32) / np.sqrt(h)
   sizes = np.full(g, (m - 1000) // g, np.int32)
   sizes[0] += m - 1000 - sizes.sum()
@@ -37,8 +38,11 @@ def main(argv=None) -> None:
   w1b = w1.astype(jnp.bfloat16)
   jit = jax.jit
   parts = {
-      "quantize_rows x [M,H]": (jit(quantize.quantize_rows), (x,)),
-      "quantize_rows a [M,F]": (jit(quantize.quantize_rows), (a,)),
+      "quantize_rows x [M,H] (XLA)": (jit(quantize.quantize_rows), (x,)),
+      "quantize_rows x [M,H] (kernel)": (jit(pallas_kernels.quantize_rows), (x,)),
+      "quantize_rows srelu(h) [M,F] (XLA)": (jit(quantize.quantize_rows), (a, p)),
+      "quantize_rows srelu(h) [M,F] (kernel)": (
+          jit(lambda h, p: pallas_kernels.quantize_rows(h, srelu_scales=p)), (a, p)),
       "quantize_blocks w1 [G,H,F] (XLA)": (jit(quantize.quantize_blocks), (w1,)),
       "quantize_blocks w1 [G,H,F] (kernel)": (jit(pallas_kernels.quantize_blocks), (w1,)),
       "cast w1 to bf16 [G,H,F]": (jit(lambda w: w.astype(jnp.bfloat16)), (w1,)),

@@ -20,10 +20,10 @@ and the backward pass reuses the forward's quantised activations:
     dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype
 
 The SReLU derivative runs in FC2's input-gradient epilogue
-(`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). The weights are
-quantised in one pass each (`pallas_kernels.quantize_blocks`, a Pallas kernel that
-writes both layouts); the SReLU and the activations' quantisations are XLA fusions
-(XLA fuses the SReLU into the pass that quantises a). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
+(`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). Every
+quantisation is one pass of a Pallas kernel (`pallas_kernels.quantize_blocks` writes
+both layouts of a weight; `pallas_kernels.quantize_rows` computes the SReLU of h on
+the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
 dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
 each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
 dequant(xq) and dh).
@@ -89,16 +89,12 @@ def _restored(q):
                    for a in q[:-1]), q[-1])
 
 
-def _srelu(h, p):
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return relu * relu * p[:, None].astype(jnp.float32)
-
-
 @functools.cache
 def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   x_dtype, w1_dtype, w2_dtype, b1_dtype, p_dtype = dtypes
   wgrad_dtype = jnp.dtype(recipe.wgrad_dtype)
   gmm_fp8 = functools.partial(pallas_kernels.gmm_fp8, backend=backend)
+  quantize_rows = functools.partial(pallas_kernels.quantize_rows, backend=backend)
 
   def wgrad(lhs, rhs, group_sizes, out_dtype):
     if wgrad_dtype == quantize.FP8:
@@ -112,7 +108,7 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
         preferred_element_type=jnp.float32, backend=backend).astype(out_dtype)
 
   def forward(x, w1, w2, b1, group_sizes, p):
-    xq = quantize.quantize_rows(x)
+    xq = quantize_rows(x)
     w1q, w2q = (pallas_kernels.quantize_blocks(w, backend=backend) for w in (w1, w2))
     h = gmm_fp8(xq, w1q, group_sizes, out_dtype=_gmm_dtype(x_dtype))
     if b1 is not None:
@@ -120,7 +116,7 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
           _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
       h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
     h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
-    aq = quantize.quantize_rows(_srelu(h, p))
+    aq = quantize_rows(h, srelu_scales=p)
     y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     # The backward pass reads the weights' [G, in, out] layout only (values_t is the
     # forward's), with their scales.
@@ -137,9 +133,9 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   def backward(residuals, dy):
     xq, (w1q, w2q), group_sizes, p, h, aq = residuals
     xq, w1q, w2q, aq = map(_restored, (xq, w1q, w2q, aq))
-    dh, dp = activation.gmm_fp8_dsrelu(quantize.quantize_rows(dy), w2q, group_sizes,
+    dh, dp = activation.gmm_fp8_dsrelu(quantize_rows(dy), w2q, group_sizes,
                                        h.astype(_gmm_dtype(h.dtype)), p, backend=backend)
-    dx = gmm_fp8(quantize.quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
+    dx = gmm_fp8(quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
                  out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     dw2 = wgrad(quantize.dequantize_rows(aq), dy, group_sizes, w2_dtype)
     dw1 = wgrad(quantize.dequantize_rows(xq), dh, group_sizes, w1_dtype)

@@ -10,8 +10,9 @@ expressed in terms of the same two ops:
 
 `gmm_fp8` and `tgmm_fp8` dispatch the blockwise-scaled FP8 grouped GEMMs
 (`gmm_fp8_mgpu.py`, `tgmm_fp8_mgpu.py`; XLA references `reference.gmm_fp8_xla`,
-`reference.tgmm_fp8_xla`), and `quantize_blocks` the weights' one-pass FP8
-quantisation (`quantize_blocks_triton.py`; XLA: `quantize.quantize_blocks`). None
+`reference.tgmm_fp8_xla`), and `quantize_rows` / `quantize_blocks` the one-pass FP8
+quantisations of activations and weights (`quantize_rows_triton.py`,
+`quantize_blocks_triton.py`; XLA: `quantize.quantize_rows`, `quantize.quantize_blocks`). None
 has a VJP of its own: the FP8 expert MLP (`jaxmoe/fp8_mlp.py`) is one custom_vjp
 over its six GEMMs.
 """
@@ -145,6 +146,26 @@ def tgmm_fp8(lhs: quantize.RowQuantized, rhs: quantize.RowQuantized,
                   out_dtype=jnp.dtype(out_dtype))
 
 
+def quantize_rows(x: jax.Array, *, srelu_scales: jax.Array | None = None,
+                  backend: common.Backend = "auto") -> quantize.RowQuantized:
+  """`quantize.quantize_rows` of x [M, K] (K a multiple of 128): values [M, K] e4m3,
+  scales [K // 128, M] f32; with srelu_scales p [M], of relu(x)**2 * p (FC1's
+  activation, never stored unquantised).
+
+  backend: "mosaic_gpu" / "interpret" run the one-pass Pallas kernel
+  (`quantize_rows_triton.py`, a Triton kernel; M % 8 == 0), "xla" the XLA fusions,
+  "auto" the kernel on a Hopper GPU where it takes the input. The numbers are the
+  same either way.
+  """
+  common.check_backend(backend)
+  common.check_rank("x", x, 2, "[M, K]")
+  common.check_float("x", x)
+  if srelu_scales is not None and srelu_scales.shape != x.shape[:1]:
+    raise ValueError(f"Expected 'srelu_scales' of shape [{x.shape[0]}] (one per row of "
+                     f"x), got {tuple(srelu_scales.shape)}.")
+  return dispatch(backend, _quantize_rows_kernel, quantize.quantize_rows, x, srelu_scales)
+
+
 def quantize_blocks(w: jax.Array, *, backend: common.Backend = "auto"
                     ) -> quantize.BlockQuantized:
   """`quantize.quantize_blocks` of a weight w [G, K, N] (K, N multiples of 128):
@@ -210,6 +231,11 @@ def _vary_like_inputs(out, args):
 def _gmm_kernel():
   from pallas_kernels import gmm_mgpu
   return gmm_mgpu.gmm_mgpu
+
+
+def _quantize_rows_kernel():
+  from pallas_kernels import quantize_rows_triton
+  return quantize_rows_triton.quantize_rows_triton
 
 
 def _quantize_blocks_kernel():

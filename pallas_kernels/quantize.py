@@ -75,10 +75,21 @@ def scale_of(amax: jax.Array) -> jax.Array:
   return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
 
 
-def quantize_rows(x: jax.Array) -> RowQuantized:
-  """x [M, K] float -> RowQuantized, one scale per row per 128 columns (K % 128 == 0)."""
+def srelu_f32(h: jax.Array, p: jax.Array) -> jax.Array:
+  """a = relu(h)**2 * p[:, None], [M, F] float32 (FC1's activation as FP8 quantises it)."""
+  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
+  return relu * relu * p[:, None].astype(jnp.float32)
+
+
+def quantize_rows(x: jax.Array, srelu_scales: jax.Array | None = None) -> RowQuantized:
+  """x [M, K] float -> RowQuantized, one scale per row per 128 columns (K % 128 == 0).
+
+  With srelu_scales p [M], quantises a = `srelu_f32(x, p)` instead of x.
+  """
   check_blocks("x", x, (1,))
   m, k = x.shape
+  if srelu_scales is not None:
+    x = srelu_f32(x, srelu_scales)
   tiles = x.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
   scales = scale_of(jnp.max(jnp.abs(tiles), axis=2))  # [M, K // 128]
   values = (tiles / scales[:, :, None]).astype(FP8).reshape(m, k)
