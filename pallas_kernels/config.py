@@ -312,6 +312,10 @@ class Fp8GmmConfig(_ConsumerTiles):
       block_m x block_n halves of a block_m x (2*block_n) item (sharing its lhs
       tile), so that one's promotion can run beside the other's wgmma.
     epilogue_rows: rows of each consumer's staging buffer (None = block_m).
+    split_rows: two consumers only. True: they take the top and bottom block_m x
+      block_n halves of a (2*block_m) x block_n item (sharing its rhs tile): a
+      128 x 128 item reads 32 KiB a K step for 4.2 MFLOP where a 64 x 256 one reads
+      40 KiB.
     promotion: when the one-warpgroup kernel promotes each K block's partial
       sum (ignored with two warpgroups). "serial": one K block a step, its wgmma
       awaited before the promotion, so the tensor core idles meanwhile.
@@ -326,9 +330,9 @@ class Fp8GmmConfig(_ConsumerTiles):
   num_compute_wgs: int = 1
   epilogue_rows: int | None = None
   promotion: str = "serial"
+  split_rows: bool = False
   # What the shared gmm helpers read, fixed for this kernel.
   block_k = 128
-  split_rows = False
   epilogue_cols = None
   persistent = True
   chain_items = False
@@ -363,8 +367,8 @@ class Fp8GmmConfig(_ConsumerTiles):
   def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
     """Pipeline stages (lhs and rhs tiles, float32 row scales) and the staging buffer."""
     blocks = self.step_k // self.block_k
-    stage = blocks * ((self.block_m + self.cta_block_n) * self.block_k * in_itemsize
-                      + self.block_m * 4)
+    stage = blocks * ((self.cta_tile_rows + self.cta_block_n) * self.block_k * in_itemsize
+                      + self.cta_tile_rows * 4)
     return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 1,
@@ -378,24 +382,30 @@ class Fp8GmmConfig(_ConsumerTiles):
 
 
 def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
-                   block_m: int = 64, **fields) -> Fp8GmmConfig:
+                   block_m: int = 64, split_rows: bool = False,
+                   **fields) -> Fp8GmmConfig:
   """The config `gmm_fp8_mgpu` runs by default (not autotuned): 64-row tiles,
   warp-specialised on 64 x 256 items where N splits into them (two consumer
-  warpgroups of 64 x 128, each promoting while the other's wgmma runs), else one
-  warpgroup with promotion="pairs" where K is a multiple of 256, else "serial";
-  and the deepest pipeline, up to 6 stages, that fits with 4 KiB to spare
-  (barriers, and the 1 KiB alignment of the swizzled tiles next to the 512-byte
-  row-scale buffers); 64 columns in 2 stages if none does. On an H100 the
-  warp-specialised 64-row kernel ran fastest of these at the benchmark shapes
-  (BENCHMARKS.md); 128-row tiles hold 2 x 128 float32 accumulator registers a
-  thread, the whole register file.
+  warpgroups of 64 x 128 side by side, each promoting while the other's wgmma
+  runs), else one warpgroup with promotion="pairs" where K is a multiple of 256,
+  else "serial"; and the deepest pipeline, up to 6 stages, that fits with 4 KiB to
+  spare (barriers, and the 1 KiB alignment of the swizzled tiles next to the
+  512-byte row-scale buffers); 64 columns in 2 stages if none does. On an H100 the
+  warp-specialised 64-row kernel ran fastest of the measured variants at the
+  benchmark shapes (BENCHMARKS.md); 128-row consumer tiles hold 2 x 128 float32
+  accumulator registers a thread, the whole register file.
 
-  block_m alone keeps the default schedule; any other Fp8GmmConfig field (e.g.
-  num_compute_wgs=1) picks a variant (Fp8GmmConfig's defaults for the rest),
-  deepened the same way.
+  split_rows=True puts the two consumers one above the other on 128 x 128 items
+  where M has 128 rows (32 KiB read a K step where a 64 x 256 item reads 40 KiB for
+  the same FLOPs; not yet timed on a GPU, so not the default). block_m alone keeps
+  the default schedule; any other Fp8GmmConfig field (e.g. num_compute_wgs=1) picks
+  a variant (Fp8GmmConfig's defaults for the rest), deepened the same way.
   """
-  del m, g
-  if not fields:
+  del g
+  split_rows = split_rows and m >= 2 * block_m
+  if split_rows:
+    fields = dict(fields, num_compute_wgs=2, split_rows=True)
+  elif not fields:
     fields = (dict(num_compute_wgs=2) if n % (2 * Fp8GmmConfig.block_n) == 0
               else dict(promotion="pairs") if k % (2 * Fp8GmmConfig.block_k) == 0 else {})
   for steps in (6, 5, 4, 3, 2):

@@ -29,8 +29,11 @@ Design:
   * config.num_compute_wgs=2 (the default, `_gmm_fp8_kernel_ws`, gmm_mgpu's
     `ws_pipeline`): a producer warpgroup loads, two consumer warpgroups take
     the left and right halves of a block_m x (2*block_n) item (sharing its lhs
-    tile), so one's promotion runs while the other's wgmma does. With 64-row
-    tiles each consumer holds 2 x 64 float32 accumulator registers a thread.
+    tile), so one's promotion runs while the other's wgmma does; or with
+    config.split_rows the top and bottom halves of a (2*block_m) x block_n item
+    (sharing its rhs tile: 128 x 128 items read less per FLOP than 64 x 256 ones).
+    With 64-row tiles each consumer holds 2 x 64 float32 accumulator registers a
+    thread.
   * config.num_compute_wgs=1 (`_gmm_fp8_kernel`, `emit_pipeline`), with
     config.promotion "serial" (`_mainloop`: each K block's wgmma awaited before
     its promotion, the tensor core idle meanwhile) or "pairs"
@@ -93,6 +96,9 @@ def check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
   out_itemsize = jnp.dtype(out_dtype).itemsize
   cfg = config or config_lib.fp8_gmm_config(m, k, n, rhs_values.shape[0], out_itemsize)
   cfg.validate_for(k, n, 1, out_itemsize)
+  if cfg.split_rows and m < cfg.cta_tile_rows:
+    raise NotImplementedError(f"M={m} is fewer than the {cfg.cta_tile_rows} rows of a "
+                              "split_rows item.")
   gmm_mgpu.check_hopper(interpret)
   return cfg
 
@@ -129,8 +135,8 @@ def partial_sum(lhs_smem, rhs_smem):
 
 def _promote(acc, lhs_smem, rhs_smem, row_scales_smem, block_scale):
   """acc + (lhs_smem @ rhs_smem.T) * row_scales[:, None] * block_scale: one K block,
-  promoted in float32 registers."""
-  return acc + _scaled(partial_sum(lhs_smem, rhs_smem), row_scales_smem.at[0], block_scale)
+  promoted in float32 registers (row_scales_smem: [block_m] float32)."""
+  return acc + _scaled(partial_sum(lhs_smem, rhs_smem), row_scales_smem, block_scale)
 
 
 def _scaled(partial, row_scales_smem, block_scale):
@@ -145,8 +151,8 @@ def _zeros(cfg):
 
 
 def _row_scales_spec(cfg, **kwargs):
-  """The [1, block_m] row scales of K block kb, from `_scale_rows`."""
-  return plgpu.BlockSpec((1, cfg.block_m), lambda kb: (kb, 0), **kwargs)
+  """The [1, cta_tile_rows] row scales of K block kb, from `_scale_rows`."""
+  return plgpu.BlockSpec((1, cfg.cta_tile_rows), lambda kb: (kb, 0), **kwargs)
 
 
 def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cfg):
@@ -161,7 +167,7 @@ def _mainloop(lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem, where, *, cf
 
   def step(indices, lhs_smem, rhs_smem, row_scales_smem, acc):
     (kb,) = indices
-    return _promote(acc, lhs_smem, rhs_smem, row_scales_smem,
+    return _promote(acc, lhs_smem, rhs_smem, row_scales_smem.at[0],
                     rhs_scales_gmem[kb, scale_col])
 
   return plgpu.emit_pipeline(
@@ -246,8 +252,9 @@ def _gmm_fp8_kernel(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_inp
 def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_inputs):
   """Warp-specialised (cfg.num_compute_wgs == 2): warpgroup 2 issues the TMA loads
   of lhs, rhs and row-scale tiles; consumer warpgroups 0 and 1 each promote the
-  K blocks of the left or right block_m x block_n half of the item's tile (as
-  DeepGEMM, one consumer's promotion runs beside the other's wgmma) and store it."""
+  K blocks of the left or right (cfg.split_rows: top or bottom) block_m x block_n
+  half of the item's tile (as DeepGEMM, one consumer's promotion runs beside the
+  other's wgmma) and store it."""
   meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), ins, outs = (
       _split_refs(refs, num_extra_inputs))
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
@@ -270,24 +277,35 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_
     scratch, barriers = gmm_mgpu._scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
     def store(acc, item, n_cta):
-      where = gmm_mgpu._item_where(meta, item, n_cta * 2 + wg, cfg)
+      if cfg.split_rows:
+        where = gmm_mgpu._item_where(meta, item, n_cta, cfg)
+        where = dict(where, tile_row0=where["tile_row0"] + wg * bm)
+      else:
+        where = gmm_mgpu._item_where(meta, item, n_cta * 2 + wg, cfg)
       epilogue(acc, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
                where=where)
 
     def compute_item(item, n_cta):
       group, tile_row0 = meta.group_id[item], meta.tile_row0[item]
       rhs_scales_g = rhs_scales_gmem.at[group]
-      scale_col = (n_cta * 2 + wg) * bn // BLOCK_K
+      n_tile = n_cta if cfg.split_rows else n_cta * 2 + wg
+      scale_col = n_tile * bn // BLOCK_K
 
       def mma(indices, lhs_smem, rhs_smem, row_scales_smem, acc):
         (kb,) = indices
-        return _promote(acc, lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)], row_scales_smem,
-                        rhs_scales_g[kb, scale_col])
+        if cfg.split_rows:
+          rows = pl.ds(wg * bm, bm)
+          lhs_wg, rhs_wg, scales_wg = lhs_smem.at[rows], rhs_smem, row_scales_smem.at[0, rows]
+        else:
+          lhs_wg, rhs_wg = lhs_smem, rhs_smem.at[pl.ds(wg * bn, bn)]
+          scales_wg = row_scales_smem.at[0]
+        return _promote(acc, lhs_wg, rhs_wg, scales_wg, rhs_scales_g[kb, scale_col])
 
+      rows = cfg.cta_tile_rows
       get_pipeline(mma, lambda pipeline: store(pipeline(_zeros(cfg)), item, n_cta))(
-          gmm_mgpu._tile_rows(lhs_gmem, tile_row0, bm),
+          gmm_mgpu._tile_rows(lhs_gmem, tile_row0, rows),
           rhs_gmem.at[group].at[pl.ds(n_cta * cta_n, cta_n)],
-          _scale_rows(lhs_scales_gmem, tile_row0, bm), allocations=pipeline_allocs)
+          _scale_rows(lhs_scales_gmem, tile_row0, rows), allocations=pipeline_allocs)
 
     def item_body(item, n_cta):
       compute = meta.compute[item]
@@ -348,7 +366,7 @@ def gmm_fp8_mgpu_with_epilogue(lhs_values, lhs_scales, rhs_values, rhs_scales, g
   m, n = lhs_values.shape[0], rhs_values.shape[1]
   epilogue.check_supported(m, cfg)
   epilogue.check_smem(cfg, 1, out_dtype.itemsize)
-  meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.block_m, interpret=interpret)
+  meta = metadata_kernel.gmm_metadata(group_sizes, m, cfg.cta_tile_rows, interpret=interpret)
   kernel = gmm_mgpu.launch(
       functools.partial(_gmm_fp8_kernel_ws if cfg.num_compute_wgs > 1 else _gmm_fp8_kernel,
                         cfg=cfg, num_items=meta.num_items, n=n, out_dtype=out_dtype,

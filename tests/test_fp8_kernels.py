@@ -73,6 +73,8 @@ WS = config_lib.Fp8GmmConfig(block_m=64, block_n=64, max_concurrent_steps=2,
                              num_compute_wgs=2)
 PAIRS = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=2,
                                   promotion="pairs")
+SPLIT = config_lib.Fp8GmmConfig(block_m=64, block_n=128, max_concurrent_steps=3,
+                                num_compute_wgs=2, split_rows=True)
 CASES = [
     # (M, K, N, group_sizes, out dtype, config, dgrad)
     (256, 256, 256, [50, 0, 131, 75], jnp.float32, None, False),  # an empty group
@@ -93,6 +95,10 @@ CASES = [
      config_lib.Fp8GmmConfig(block_m=128, block_n=128, max_concurrent_steps=2,
                              num_compute_wgs=2, epilogue_rows=64), False),
     (256, 128, 128, [0, 0, 0], jnp.bfloat16, WS, False),
+    # Warp-specialised, the two consumers one above the other on 128 x 128 items.
+    (392, 384, 256, [17, 0, 70, 305], jnp.float32, SPLIT, False),
+    (200, 256, 256, [0, 137, 0, 30], jnp.bfloat16, SPLIT, True),
+    (256, 128, 128, [0, 0, 0], jnp.bfloat16, SPLIT, False),
     # One warpgroup, each K block promoted under the next block's wgmma.
     (256, 512, 256, [50, 0, 131, 75], jnp.float32, PAIRS, False),
     (200, 256, 128, [17, 0, 0, 150], jnp.bfloat16, PAIRS, True),
@@ -156,6 +162,12 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
      config_lib.Fp8GmmConfig(max_concurrent_steps=3, num_compute_wgs=2, epilogue_rows=64)),
     (16384, 4096, 2048, 8, jnp.bfloat16,  # 64x256 items
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2)),
+    (16384, 4096, 2048, 8, jnp.bfloat16,  # 128x128 items, consumers one above the other
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=5, num_compute_wgs=2,
+                             split_rows=True)),
+    (16384, 1024, 4096, 64, jnp.float32,
+     config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2,
+                             split_rows=True)),
     # Overlapped promotion: two K blocks a step.
     (16384, 4096, 2048, 8, jnp.bfloat16,
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")),
@@ -186,6 +198,7 @@ def test_gmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype, cfg):
     (dict(interpret=False), NotImplementedError, "Hopper"),
     (dict(config=config_lib.Fp8GmmConfig(max_concurrent_steps=6), out_dtype=jnp.float32),
      NotImplementedError, "shared memory"),
+    (dict(m=64, config=SPLIT), NotImplementedError, "M=64 is fewer than the 128 rows"),
 ])
 def test_gmm_fp8_unsupported(change, error, match):
   if not change.get("interpret", True) and jax.default_backend() == "gpu":
@@ -229,11 +242,19 @@ def test_fp8_config_validates_itself():
   with pytest.raises(NotImplementedError, match="K=384 is not a multiple of 256"):
     overlap.validate_for(384, 256, 1, 2)
   cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, 8)
-  assert (cfg.block_m, cfg.block_n, cfg.num_compute_wgs, cfg.promotion) == (64, 128, 2, "serial")
+  assert (cfg.block_m, cfg.block_n, cfg.num_compute_wgs, cfg.promotion, cfg.split_rows) == (
+      64, 128, 2, "serial", False)
   # Per stage: the lhs tile, both consumers' rhs tiles, the row scales; one staging
   # buffer per consumer.
   assert cfg.smem_bytes(1, 2) == (cfg.max_concurrent_steps * (64 * 128 + 256 * 128 + 256)
                                   + 2 * 64 * 128 * 2)
+  split = config_lib.fp8_gmm_config(16384, 4096, 384, 8, split_rows=True)  # any N of 128s
+  assert (split.split_rows, split.cta_tile_rows, split.cta_block_n) == (True, 128, 128)
+  # Per stage: both consumers' lhs tiles, the shared rhs tile, the row scales.
+  assert split.smem_bytes(1, 2) == 5 * (128 * 128 + 128 * 128 + 512) + 2 * 64 * 128 * 2
+  assert not config_lib.fp8_gmm_config(120, 4096, 2048, 8, split_rows=True).split_rows
+  with pytest.raises(ValueError, match="split_rows=True needs two consumer"):
+    config_lib.Fp8GmmConfig(split_rows=True)
   f32 = config_lib.fp8_gmm_config(16384, 4096, 2048, 8, out_itemsize=4)
   assert f32.smem_bytes(1, 4) <= config_lib.SMEM_BYTES - 4096
   # N not in 256-wide items: one warpgroup, two K blocks a step where K allows.
@@ -251,7 +272,7 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws_m128", "pairs", "serial"])
+@pytest.mark.parametrize("cfg", [None, "ws_m128", "pairs", "serial", "split"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -271,6 +292,9 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
     cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")
   elif cfg == "serial":  # one warpgroup on 128x128 tiles
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=4)
+  elif cfg == "split":  # two consumers one above the other on 128x128 items
+    cfg = config_lib.fp8_gmm_config(m, k, n, g, 4 if out_dtype == jnp.float32 else 2,
+                                    split_rows=True)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
       xq.values, xq.scales, rhs, rhs_scales, gs)
   out = np.asarray(out.astype(jnp.float32))
