@@ -23,8 +23,9 @@ The SReLU derivative runs in FC2's input-gradient epilogue
 (`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). Every
 quantisation is one pass of a Pallas kernel (`pallas_kernels.quantize_blocks` writes
 both layouts of a weight; `pallas_kernels.quantize_rows` computes the SReLU of h on
-the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype bf16 the weight gradients are bf16 grouped GEMMs on the
-dequantised saved activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
+the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype
+bf16 the weight gradients are bf16 grouped GEMMs on the dequantised saved
+activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
 each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
 dequant(xq) and dh).
 

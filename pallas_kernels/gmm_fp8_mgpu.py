@@ -277,13 +277,8 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_
     scratch, barriers = gmm_mgpu._scratch_for_wg(epi_smem, epi_barriers, epilogue, wg)
 
     def store(acc, item, n_cta):
-      if cfg.split_rows:
-        where = gmm_mgpu._item_where(meta, item, n_cta, cfg)
-        where = dict(where, tile_row0=where["tile_row0"] + wg * bm)
-      else:
-        where = gmm_mgpu._item_where(meta, item, n_cta * 2 + wg, cfg)
       epilogue(acc, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
-               where=where)
+               where=gmm_mgpu.consumer_where(meta, item, n_cta, wg, cfg))
 
     def compute_item(item, n_cta):
       group, tile_row0 = meta.group_id[item], meta.tile_row0[item]

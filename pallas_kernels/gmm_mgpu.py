@@ -330,6 +330,16 @@ def _item_where(meta, item, n_tile, cfg) -> dict:
               row_end=meta.row_end[item], n_tile=n_tile, cfg=cfg)
 
 
+def consumer_where(meta, item, n_cta, wg, cfg) -> dict:
+  """The `where` of consumer warpgroup wg's block_m x block_n tile of the item's
+  n_cta-th tile of cta_block_n columns: the top or bottom half (cfg.split_rows) or
+  one of the tiles side by side."""
+  if cfg.split_rows:
+    where = _item_where(meta, item, n_cta, cfg)
+    return dict(where, tile_row0=where["tile_row0"] + wg * cfg.block_m)
+  return _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
+
+
 def _for_each_item(meta, *, num_items: int, grid_n: int, cfg, body) -> None:
   """Runs body(item, n_tile) for this SM's share of the used (item, n-tile)
   pairs, in planar-snake order (persistent grid; one pair per program when the
@@ -475,17 +485,9 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
         return n_cluster
       return n_cluster * cfg.cluster_n + lax.axis_index("cluster")
 
-    def where_of(item, n_cta):
-      """(the item's `where`, the epilogue's for this consumer's block_m x block_n tile)."""
-      if cfg.split_rows:
-        where = _item_where(meta, item, n_cta, cfg)
-        return where, dict(where, tile_row0=where["tile_row0"] + wg * bm)
-      where = _item_where(meta, item, n_cta * cfg.num_compute_wgs + wg, cfg)
-      return where, where
-
     def compute_item(item, n_cluster, pipeline_state=None):
       n_cta = cta_tile(n_cluster)
-      item_where, where = where_of(item, n_cta)
+      where = consumer_where(meta, item, n_cta, wg, cfg)
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
@@ -509,7 +511,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
         plgpu.wgmma_wait(0)
         return acc_ref
 
-      lhs_rows = _tile_rows(lhs_gmem, item_where["tile_row0"], cfg.cta_tile_rows)
+      lhs_rows = _tile_rows(lhs_gmem, meta.tile_row0[item], cfg.cta_tile_rows)
       cols = pl.ds(n_cta * cta_n, cta_n)
       rhs_g = rhs_gmem.at[meta.group_id[item]]
       rhs_cols = rhs_g.at[cols] if transpose_rhs else rhs_g.at[:, cols]
@@ -519,7 +521,7 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
     def zero_item(item, n_cluster):  # Padding rows: zeros, written by the consumers.
       zeros = plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
       epilogue(zeros, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
-               where=where_of(item, cta_tile(n_cluster))[1])
+               where=consumer_where(meta, item, cta_tile(n_cluster), wg, cfg))
 
     if cfg.chain_items:
       num_compute, num_used = meta.counts[0], meta.counts[1]

@@ -12,9 +12,9 @@ expressed in terms of the same two ops:
 (`gmm_fp8_mgpu.py`, `tgmm_fp8_mgpu.py`; XLA references `reference.gmm_fp8_xla`,
 `reference.tgmm_fp8_xla`), and `quantize_rows` / `quantize_blocks` the one-pass FP8
 quantisations of activations and weights (`quantize_rows_triton.py`,
-`quantize_blocks_triton.py`; XLA: `quantize.quantize_rows`, `quantize.quantize_blocks`). None
-has a VJP of its own: the FP8 expert MLP (`jaxmoe/fp8_mlp.py`) is one custom_vjp
-over its six GEMMs.
+`quantize_blocks_triton.py`; XLA: `quantize.quantize_rows`,
+`quantize.quantize_blocks`). None has a VJP of its own: the FP8 expert MLP
+(`jaxmoe/fp8_mlp.py`) is one custom_vjp over its six GEMMs.
 """
 
 from __future__ import annotations

@@ -30,8 +30,7 @@ def _kernel(x_ref, *refs, srelu: bool):
     values_ref, scales_ref = refs
   x = x_ref[...].astype(jnp.float32)  # [block_rows, 128]
   if srelu:
-    relu = jnp.maximum(x, 0.0)
-    x = relu * relu * p_ref[...].astype(jnp.float32)[:, None]
+    x = quantize.srelu_f32(x, p_ref[...])
   scales = quantize.scale_of(jnp.max(jnp.abs(x), axis=1))
   values_ref[...] = (x / scales[:, None]).astype(quantize.FP8)
   scales_ref[...] = scales

@@ -53,8 +53,7 @@ def tgmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
 def scaled_srelu_xla(h: jax.Array, p: jax.Array) -> jax.Array:
   """a = relu(h)**2 * p[:, None] in float32; [M, F] in h.dtype."""
-  relu = jnp.maximum(h.astype(jnp.float32), 0.0)
-  return (relu * relu * p[:, None].astype(jnp.float32)).astype(h.dtype)
+  return quantize.srelu_f32(h, p).astype(h.dtype)
 
 
 def scaled_srelu_bwd_xla(da: jax.Array, h: jax.Array,
