@@ -1,6 +1,7 @@
 """On a Hopper GPU: the parts of the FP8 expert MLP's step timed one by one beside their
 bf16 counterparts (`timing.interleaved_ms`, medians), to show where the FP8 step's
-time goes: the quantisations (XLA fusions), the FP8 GEMMs and the weight gradients.
+time goes: the quantisations (XLA fusions and our kernels), the FP8 GEMMs and the
+weight gradients.
 
     PYTHONPATH=. python benchmarks/fp8_parts.py [--tokens 16384 --hidden 2048 --ffn 4096 \
         --experts 8] [--out parts.json]
@@ -8,6 +9,7 @@ time goes: the quantisations (XLA fusions), the FP8 GEMMs and the weight gradien
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -16,11 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels import config as config_lib
 from pallas_kernels import quantize
+from pallas_kernels.tgmm_fp8_mgpu import tgmm_fp8_mgpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fp8_mlp_check import parse_shape, write_result  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
+
+
+# tgmm_fp8's warp-specialised configs (float32 out, the deepest pipeline that fits):
+# two consumers side by side or one above the other.
+TGMM_FP8_VARIANTS = {
+    "ws": config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=3, num_compute_wgs=2),
+    "ws split": config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=4,
+                                         num_compute_wgs=2, split_rows=True),
+}
 
 
 def main(argv=None) -> None:
@@ -46,15 +59,20 @@ def main(argv=None) -> None:
       "quantize_blocks w1 [G,H,F] (XLA)": (jit(quantize.quantize_blocks), (w1,)),
       "quantize_blocks w1 [G,H,F] (kernel)": (jit(pallas_kernels.quantize_blocks), (w1,)),
       "cast w1 to bf16 [G,H,F]": (jit(lambda w: w.astype(jnp.bfloat16)), (w1,)),
-      "quantize_columns x [M,H]": (jit(quantize.quantize_columns), (x, gs)),
-      "quantize_columns dequant(xq)": (
-          jit(lambda q, s: quantize.quantize_columns(quantize.dequantize_rows(q), s)), (xq, gs)),
+      "quantize_columns x [M,H] (XLA)": (jit(quantize.quantize_columns), (x, gs)),
+      "quantize_columns x [M,H] (kernel)": (jit(pallas_kernels.quantize_columns), (x, gs)),
+      "quantize_columns xq [M,H] (XLA)": (jit(quantize.quantize_columns), (xq, gs)),
+      "quantize_columns xq [M,H] (kernel)": (jit(pallas_kernels.quantize_columns), (xq, gs)),
+      "quantize_columns aq [M,F] (kernel)": (jit(pallas_kernels.quantize_columns), (aq, gs)),
       "dequantize_rows xq -> bf16": (
           jit(lambda q: quantize.dequantize_rows(q).astype(jnp.bfloat16)), (xq,)),
       "gmm fp8 x @ w1": (jit(lambda q, w, s: pallas_kernels.gmm_fp8(q, w, s)), (xq, w1q, gs)),
       "gmm bf16 x @ w1": (jit(pallas_kernels.gmm), (x, w1b, gs)),
       "tgmm fp8 x.T @ a": (jit(lambda u, v, s: pallas_kernels.tgmm_fp8(u, v, s, num_rows=m)),
                            (xc, ac, gs)),
+      **{f"tgmm fp8 x.T @ a ({name})": (jit(functools.partial(
+          lambda u, v, s, cfg: tgmm_fp8_mgpu(*u, *v, s, num_rows=m, config=cfg), cfg=cfg)),
+          (xc, ac, gs)) for name, cfg in TGMM_FP8_VARIANTS.items()},
       "tgmm bf16 x.T @ a": (jit(lambda u, v, s: pallas_kernels.tgmm(
           u, v, s, preferred_element_type=jnp.float32)), (x, a, gs)),
   }

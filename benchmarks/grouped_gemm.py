@@ -103,10 +103,13 @@ def fp8_entries(x, w, gs, dy):
 
 # Our FP8 kernel's configs, as fp8_gmm_config arguments ({} = its default, the
 # warp-specialised kernel on 64-row tiles): consumers one above the other on
-# 128 x 128 items, at 128-row tiles, and one warpgroup.
+# 128 x 128 items, an SM's items chained into one pipeline, both, at 128-row
+# tiles, and one warpgroup.
 FP8_VARIANTS = {
     "jaxmoe_fp8": {},
     "jaxmoe_fp8_split": dict(split_rows=True),
+    "jaxmoe_fp8_chain": dict(chain_items=True),
+    "jaxmoe_fp8_split_chain": dict(split_rows=True, chain_items=True),
     "jaxmoe_fp8_ws_m128": dict(block_m=128, num_compute_wgs=2),
     "jaxmoe_fp8_pairs": dict(promotion="pairs"),
     "jaxmoe_fp8_serial": dict(block_m=128, num_compute_wgs=1),

@@ -26,8 +26,8 @@ both layouts of a weight; `pallas_kernels.quantize_rows` computes the SReLU of h
 the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype
 bf16 the weight gradients are bf16 grouped GEMMs on the dequantised saved
 activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
-each group's rows (`quantize.quantize_columns` of dequant(aq) and dy, of
-dequant(xq) and dh).
+each group's rows (`pallas_kernels.quantize_columns` of aq, requantised from its
+dequantised values on the fly, and dy; of xq and dh).
 
 The residuals are tagged inside the forward rule under the bf16 path's names, each
 FP8 residual as a (values, scales) pair under one name, so `offload_policy` moves
@@ -97,13 +97,15 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   gmm_fp8 = functools.partial(pallas_kernels.gmm_fp8, backend=backend)
   quantize_rows = functools.partial(pallas_kernels.quantize_rows, backend=backend)
 
-  def wgrad(lhs, rhs, group_sizes, out_dtype):
+  def wgrad(lhs_q, rhs, group_sizes, out_dtype):
+    """[G, K, N] = dequant(lhs_q).T @ rhs per group (lhs_q: a saved RowQuantized)."""
     if wgrad_dtype == quantize.FP8:
+      columns = functools.partial(pallas_kernels.quantize_columns, group_sizes=group_sizes,
+                                  backend=backend)
       return pallas_kernels.tgmm_fp8(
-          quantize.quantize_columns(lhs, group_sizes),
-          quantize.quantize_columns(rhs, group_sizes), group_sizes,
-          num_rows=lhs.shape[0], out_dtype=_gmm_dtype(out_dtype),
-          backend=backend).astype(out_dtype)
+          columns(lhs_q), columns(rhs), group_sizes, num_rows=rhs.shape[0],
+          out_dtype=_gmm_dtype(out_dtype), backend=backend).astype(out_dtype)
+    lhs = quantize.dequantize_rows(lhs_q)
     return pallas_kernels.tgmm(
         lhs.astype(wgrad_dtype), rhs.astype(wgrad_dtype), group_sizes,
         preferred_element_type=jnp.float32, backend=backend).astype(out_dtype)
@@ -138,8 +140,8 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
                                        h.astype(_gmm_dtype(h.dtype)), p, backend=backend)
     dx = gmm_fp8(quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
                  out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
-    dw2 = wgrad(quantize.dequantize_rows(aq), dy, group_sizes, w2_dtype)
-    dw1 = wgrad(quantize.dequantize_rows(xq), dh, group_sizes, w1_dtype)
+    dw2 = wgrad(aq, dy, group_sizes, w2_dtype)
+    dw1 = wgrad(xq, dh, group_sizes, w1_dtype)
     db1 = None
     if b1_dtype is not None:
       num_groups = group_sizes.shape[0]

@@ -106,6 +106,9 @@ class _ConsumerTiles:
       raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 1 or 2.")
     if self.split_rows and self.num_compute_wgs == 1:
       raise ValueError("split_rows=True needs two consumer warpgroups (num_compute_wgs=2).")
+    if getattr(self, "chain_items", False) and self.num_compute_wgs == 1:
+      raise ValueError("chain_items=True needs the warp-specialised kernel "
+                       "(num_compute_wgs=2).")
     tile_rows = getattr(self, self._TILE_ROWS)
     if self.epilogue_rows is not None and (
         self.epilogue_rows % rows_multiple or tile_rows % self.epilogue_rows):
@@ -181,9 +184,6 @@ class GmmConfig(_ConsumerTiles):
     self._check_accumulator_depth_and_band(
         128 * 256, "one warpgroup's float32 accumulator budget (128*256 elements)")
     self._check_consumers_and_epilogue(rows_multiple=8)
-    if self.chain_items and self.num_compute_wgs == 1:
-      raise ValueError("chain_items=True needs the warp-specialised kernel "
-                       "(num_compute_wgs=2).")
     if self.cluster_n not in (1, 2):
       raise ValueError(f"cluster_n={self.cluster_n} must be 1 or 2.")
     if self.cluster_n == 2 and self.num_compute_wgs == 1:
@@ -316,6 +316,10 @@ class Fp8GmmConfig(_ConsumerTiles):
       block_n halves of a (2*block_m) x block_n item (sharing its rhs tile): a
       128 x 128 item reads 32 KiB a K step for 4.2 MFLOP where a 64 x 256 one reads
       40 KiB.
+    chain_items: two consumers only. True: the producer streams the K steps of
+      all of an SM's items as one pipeline, so the next item's first tiles load
+      while the consumers store the current one (K/128 a multiple of
+      max_concurrent_steps).
     promotion: when the one-warpgroup kernel promotes each K block's partial
       sum (ignored with two warpgroups). "serial": one K block a step, its wgmma
       awaited before the promotion, so the tensor core idles meanwhile.
@@ -331,11 +335,11 @@ class Fp8GmmConfig(_ConsumerTiles):
   epilogue_rows: int | None = None
   promotion: str = "serial"
   split_rows: bool = False
+  chain_items: bool = False
   # What the shared gmm helpers read, fixed for this kernel.
   block_k = 128
   epilogue_cols = None
   persistent = True
-  chain_items = False
   _TILE_ROWS = "block_m"
 
   def __post_init__(self):
@@ -382,7 +386,7 @@ class Fp8GmmConfig(_ConsumerTiles):
 
 
 def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
-                   block_m: int = 64, split_rows: bool = False,
+                   block_m: int = 64, split_rows: bool = False, chain_items: bool = False,
                    **fields) -> Fp8GmmConfig:
   """The config `gmm_fp8_mgpu` runs by default (not autotuned): 64-row tiles,
   warp-specialised on 64 x 256 items where N splits into them (two consumer
@@ -400,6 +404,8 @@ def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
   the same FLOPs; not yet timed on a GPU, so not the default). block_m alone keeps
   the default schedule; any other Fp8GmmConfig field (e.g. num_compute_wgs=1) picks
   a variant (Fp8GmmConfig's defaults for the rest), deepened the same way.
+  chain_items=True chains an SM's items in the warp-specialised kernel, at the
+  deepest such pipeline whose depth divides K/128 (unchained where none does).
   """
   del g
   split_rows = split_rows and m >= 2 * block_m
@@ -408,14 +414,15 @@ def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
   elif not fields:
     fields = (dict(num_compute_wgs=2) if n % (2 * Fp8GmmConfig.block_n) == 0
               else dict(promotion="pairs") if k % (2 * Fp8GmmConfig.block_k) == 0 else {})
-  for steps in (6, 5, 4, 3, 2):
-    try:
-      cfg = Fp8GmmConfig(block_m, 128, steps, **fields)
-    except ValueError:  # does not fit in shared memory
-      continue
-    if cfg.smem_bytes(1, out_itemsize) <= SMEM_BYTES - 4096:
-      return cfg
-  return Fp8GmmConfig(block_m, 64, 2, **fields)
+  def deepest(steps, **extra):
+    make = lambda s: Fp8GmmConfig(block_m, 128, s, **fields, **extra)  # noqa: E731
+    return _deepest(make, steps, out_itemsize, in_itemsize=1, spare_bytes=4096)
+
+  chained = None
+  if chain_items and fields.get("num_compute_wgs") == 2:
+    chained = deepest([s for s in (6, 5, 4, 3, 2) if (k // Fp8GmmConfig.block_k) % s == 0],
+                      chain_items=True)
+  return chained or deepest((6, 5, 4, 3, 2)) or Fp8GmmConfig(block_m, 64, 2, **fields)
 
 
 _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
@@ -428,14 +435,15 @@ def _largest_dividing(n: int, candidates: tuple[int, ...]) -> int | None:
   return next((c for c in candidates if n % c == 0), None)
 
 
-def _deepest(make, steps, out_itemsize: int):
-  """The first config make(s) for s in steps that is valid and fits in shared memory."""
+def _deepest(make, steps, out_itemsize: int, in_itemsize: int = 2, spare_bytes: int = 0):
+  """The first config make(s) for s in steps that is valid and fits in shared memory
+  with spare_bytes to spare."""
   for s in steps:
     try:
       cfg = make(s)
     except ValueError:
       continue
-    if cfg.smem_bytes(2, out_itemsize) <= SMEM_BYTES:
+    if cfg.smem_bytes(in_itemsize, out_itemsize) <= SMEM_BYTES - spare_bytes:
       return cfg
   return None
 
@@ -582,38 +590,47 @@ def current_device_kind() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Fp8TgmmConfig(_ConsumerTiles):
-  """Tiling of `tgmm_fp8_mgpu`: out [G, K, N] in block_k x block_n tiles, one
-  warpgroup a tile, the contracted (group-aligned) rows in steps of block_m = 128,
+  """Tiling of `tgmm_fp8_mgpu`: out [G, K, N] in block_k x block_n tiles per
+  consumer warpgroup, the contracted (group-aligned) rows in steps of block_m = 128,
   one scale block.
 
   Attributes:
-    block_k: output rows (the K of the weight gradient [G, K, N]) of a work item.
-    block_n: output columns of a work item.
+    block_k: output rows (the K of the weight gradient [G, K, N]) of a consumer's tile.
+    block_n: output columns of a consumer's tile.
     max_concurrent_steps: pipeline depth (stages of both operand tiles and their
       scales).
     grid_block_n: planar-snake band width over (k-tile, n-tile) within a group.
-    epilogue_rows: rows of the output staging buffer (a multiple of 64 that
-      divides block_k; None = block_k).
+    epilogue_rows: rows of each consumer's output staging buffer (a multiple of 64
+      that divides block_k; None = block_k).
+    num_compute_wgs: 1: one warpgroup loads and computes, each row block's wgmma
+      awaited before its promotion. 2: warp-specialised, a producer warpgroup loads
+      and two consumer warpgroups compute the left and right block_k x block_n
+      halves of a block_k x (2*block_n) item, so that one's promotion runs beside
+      the other's wgmma.
+    split_rows: two consumers only. True: they take the top and bottom halves of a
+      (2*block_k) x block_n item instead (sharing its rhs tile).
   """
   block_k: int = 128
   block_n: int = 128
   max_concurrent_steps: int = 4
   grid_block_n: int = 4
   epilogue_rows: int | None = 64
+  num_compute_wgs: int = 1
+  split_rows: bool = False
   # What the shared helpers read, fixed for this kernel.
   block_m = 128
-  num_compute_wgs = 1
-  split_rows = False
   epilogue_cols = None
   _TILE_ROWS = "block_k"
 
   def __post_init__(self):
     _check_multiple("block_k", self.block_k, 64)
     _check_multiple("block_n", self.block_n, 64)
-    if self.block_k * self.block_n > 128 * 128:
+    budget = 128 * 128 if self.num_compute_wgs == 1 else 64 * 128
+    if self.block_k * self.block_n > budget:
       raise ValueError(
-          f"block_k*block_n={self.block_k * self.block_n} exceeds 128*128: the warpgroup "
-          "holds two float32 accumulators (the sum and a row block's partial).")
+          f"block_k*block_n={self.block_k * self.block_n} exceeds {budget}: each "
+          "consumer holds two float32 accumulators (the sum and a row block's partial)"
+          + (" beside the producer's registers" if self.num_compute_wgs > 1 else "") + ".")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1.")
     if self.grid_block_n < 1:
@@ -622,8 +639,9 @@ class Fp8TgmmConfig(_ConsumerTiles):
     self._check_fits(in_itemsize=1)
 
   def smem_bytes(self, in_itemsize: int = 1, out_itemsize: int = 2) -> int:
-    """Pipeline stages (both operand tiles and their float32 scales) and the staging buffer."""
-    stage = (self.block_k + self.block_n) * (self.block_m * in_itemsize + 4)
+    """Pipeline stages (both operand tiles and their float32 scales) and the staging
+    buffers."""
+    stage = (self.cta_tile_rows + self.cta_block_n) * (self.block_m * in_itemsize + 4)
     return stage * self.max_concurrent_steps + self._staging_bytes(out_itemsize)
 
   def validate_for(self, k: int, n: int, in_itemsize: int = 1,

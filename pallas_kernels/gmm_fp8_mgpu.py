@@ -254,7 +254,8 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_
   of lhs, rhs and row-scale tiles; consumer warpgroups 0 and 1 each promote the
   K blocks of the left or right (cfg.split_rows: top or bottom) block_m x block_n
   half of the item's tile (as DeepGEMM, one consumer's promotion runs beside the
-  other's wgmma) and store it."""
+  other's wgmma) and store it. With cfg.chain_items the producer streams all of
+  an SM's items as one pipeline (`gmm_mgpu.ws_item_loops`)."""
   meta, lhs_gmem, rhs_gmem, (lhs_scales_gmem, rhs_scales_gmem), ins, outs = (
       _split_refs(refs, num_extra_inputs))
   bm, bn, cta_n = cfg.block_m, cfg.block_n, cfg.cta_block_n
@@ -280,7 +281,7 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_
       epilogue(acc, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
                where=gmm_mgpu.consumer_where(meta, item, n_cta, wg, cfg))
 
-    def compute_item(item, n_cta):
+    def compute_item(item, n_cta, pipeline_state=None):
       group, tile_row0 = meta.group_id[item], meta.tile_row0[item]
       rhs_scales_g = rhs_scales_gmem.at[group]
       n_tile = n_cta if cfg.split_rows else n_cta * 2 + wg
@@ -297,19 +298,15 @@ def _gmm_fp8_kernel_ws(*refs, cfg, num_items, n, out_dtype, epilogue, num_extra_
         return _promote(acc, lhs_wg, rhs_wg, scales_wg, rhs_scales_g[kb, scale_col])
 
       rows = cfg.cta_tile_rows
-      get_pipeline(mma, lambda pipeline: store(pipeline(_zeros(cfg)), item, n_cta))(
+      get_pipeline(mma, lambda pipeline: store(pipeline(_zeros(cfg)), item, n_cta),
+                   pipeline_state=pipeline_state)(
           gmm_mgpu._tile_rows(lhs_gmem, tile_row0, rows),
           rhs_gmem.at[group].at[pl.ds(n_cta * cta_n, cta_n)],
           _scale_rows(lhs_scales_gmem, tile_row0, rows), allocations=pipeline_allocs)
 
-    def item_body(item, n_cta):
-      compute = meta.compute[item]
-      pl.when(compute != 0)(lambda: compute_item(item, n_cta))
-      # Padding rows: zeros, written by the consumers.
-      pl.when((compute == 0) & (wg < 2))(lambda: store(_zeros(cfg), item, n_cta))
-
-    gmm_mgpu._for_each_item(meta, num_items=num_items, grid_n=n // cta_n, cfg=cfg,
-                            body=item_body)
+    gmm_mgpu.ws_item_loops(
+        meta, num_items=num_items, grid_n=n // cta_n, cfg=cfg, compute_item=compute_item,
+        zero_item=lambda item, n_cta: store(_zeros(cfg), item, n_cta), is_consumer=wg < 2)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 

@@ -432,6 +432,45 @@ def ws_pipeline(body, compute_context, *, k, dtype, cfg, transpose_rhs,
   )
 
 
+def ws_item_loops(meta, *, num_items: int, grid_n: int, cfg, compute_item, zero_item,
+                  is_consumer) -> None:
+  """The item loops of a warp-specialised kernel: compute_item(item, n_tile,
+  pipeline_state=None) for items with rows to compute, zero_item(item, n_tile) (by
+  the consumers only) for padding items.
+
+  With cfg.chain_items the compute items (metadata items [0, C)) come first, as
+  one chain of pipelines per SM (the producer runs ahead into the next item),
+  then the consumers write the padding items [C, U) without the producer.
+  Otherwise each item runs its own pipeline.
+  """
+  if not cfg.chain_items:
+    def item_body(item, n_tile):
+      compute = meta.compute[item]
+      pl.when(compute != 0)(lambda: compute_item(item, n_tile))
+      pl.when((compute == 0) & is_consumer)(lambda: zero_item(item, n_tile))
+
+    _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
+    return
+  num_compute, num_used = meta.counts[0], meta.counts[1]
+
+  @plgpu.nd_loop((num_compute * grid_n,), collective_axes="sm")
+  def _compute_loop(loop_info: plgpu.NDLoopInfo):
+    item, n_tile = plgpu.planar_snake(
+        loop_info.index[0], (num_compute, grid_n), 1, cfg.grid_block_n)
+    # A chain needs a START and a STOP item; a lone item is a plain pipeline.
+    alone = loop_info.num_local_steps == 1
+    pl.when(alone)(lambda: compute_item(item, n_tile))
+    pl.when(~alone)(lambda: compute_item(
+        item, n_tile, pipeline_state=_chain_state(loop_info)))
+
+  @pl.when(is_consumer)
+  def _():
+    @plgpu.nd_loop(((num_used - num_compute) * grid_n,), collective_axes="sm")
+    def _padding_loop(loop_info: plgpu.NDLoopInfo):
+      pair = loop_info.index[0]
+      zero_item(num_compute + pair // grid_n, pair % grid_n)
+
+
 def _chain_state(loop_info: plgpu.NDLoopInfo) -> jax.Array:
   """START for an SM's first item, STOP for its last, STEADY in between."""
   state = plgpu.PipelinePipeline
@@ -447,12 +486,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
   Warpgroup 2 only issues TMA loads; warpgroups 0 and 1 each own a
   block_m x block_n accumulator, the left and right halves of the item's
   block_m x (2*block_n) tile (or with cfg.split_rows the top and bottom halves
-  of a (2*block_m) x block_n tile), and run the epilogue on it.
-
-  With cfg.chain_items the compute items (metadata items [0, C)) come first,
-  as one chain of pipelines per SM (the producer runs ahead into the next
-  item), then the consumers write the padding items [C, U) without the
-  producer. Otherwise each item runs its own pipeline.
+  of a (2*block_m) x block_n tile), and run the epilogue on it. Items are
+  walked by `ws_item_loops` (chained with cfg.chain_items).
   """
   meta, lhs_gmem, rhs_gmem, ins, outs = _split_refs(refs, num_extra_inputs)
   k = lhs_gmem.shape[1]
@@ -523,32 +558,8 @@ def _gmm_kernel_ws(*refs, cfg, transpose_rhs, num_items, epilogue, num_extra_inp
       epilogue(zeros, o_smem.of_consumer(wg), ins, outs, scratch, barriers, item=item,
                where=consumer_where(meta, item, cta_tile(n_cluster), wg, cfg))
 
-    if cfg.chain_items:
-      num_compute, num_used = meta.counts[0], meta.counts[1]
-
-      @plgpu.nd_loop((num_compute * grid_n,), collective_axes="sm")
-      def _compute_loop(loop_info: plgpu.NDLoopInfo):
-        item, n_cluster = plgpu.planar_snake(
-            loop_info.index[0], (num_compute, grid_n), 1, cfg.grid_block_n)
-        # A chain needs a START and a STOP item; a lone item is a plain pipeline.
-        alone = loop_info.num_local_steps == 1
-        pl.when(alone)(lambda: compute_item(item, n_cluster))
-        pl.when(~alone)(lambda: compute_item(
-            item, n_cluster, pipeline_state=_chain_state(loop_info)))
-
-      @pl.when(is_consumer)
-      def _():
-        @plgpu.nd_loop(((num_used - num_compute) * grid_n,), collective_axes="sm")
-        def _padding_loop(loop_info: plgpu.NDLoopInfo):
-          pair = loop_info.index[0]
-          zero_item(num_compute + pair // grid_n, pair % grid_n)
-    else:
-      def item_body(item, n_cluster):
-        compute = meta.compute[item]
-        pl.when(compute != 0)(lambda: compute_item(item, n_cluster))
-        pl.when((compute == 0) & is_consumer)(lambda: zero_item(item, n_cluster))
-
-      _for_each_item(meta, num_items=num_items, grid_n=grid_n, cfg=cfg, body=item_body)
+    ws_item_loops(meta, num_items=num_items, grid_n=grid_n, cfg=cfg,
+                  compute_item=compute_item, zero_item=zero_item, is_consumer=is_consumer)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 

@@ -10,10 +10,11 @@ expressed in terms of the same two ops:
 
 `gmm_fp8` and `tgmm_fp8` dispatch the blockwise-scaled FP8 grouped GEMMs
 (`gmm_fp8_mgpu.py`, `tgmm_fp8_mgpu.py`; XLA references `reference.gmm_fp8_xla`,
-`reference.tgmm_fp8_xla`), and `quantize_rows` / `quantize_blocks` the one-pass FP8
-quantisations of activations and weights (`quantize_rows_triton.py`,
-`quantize_blocks_triton.py`; XLA: `quantize.quantize_rows`,
-`quantize.quantize_blocks`). None has a VJP of its own: the FP8 expert MLP
+`reference.tgmm_fp8_xla`), and `quantize_rows` / `quantize_columns` /
+`quantize_blocks` the one-pass FP8 quantisations of activations, of the weight
+gradient's operands and of weights (`quantize_rows_triton.py`,
+`quantize_columns_triton.py`, `quantize_blocks_triton.py`; XLA: the functions of the
+same names in `quantize.py`). None has a VJP of its own: the FP8 expert MLP
 (`jaxmoe/fp8_mlp.py`) is one custom_vjp over its six GEMMs.
 """
 
@@ -166,6 +167,34 @@ def quantize_rows(x: jax.Array, *, srelu_scales: jax.Array | None = None,
   return dispatch(backend, _quantize_rows_kernel, quantize.quantize_rows, x, srelu_scales)
 
 
+def quantize_columns(x: jax.Array | quantize.RowQuantized, group_sizes: jax.Array, *,
+                     backend: common.Backend = "auto") -> quantize.RowQuantized:
+  """`quantize.quantize_columns` of x [M, K] (K a multiple of 128), rows sorted by
+  group: the 1x128 quantisation of its group-aligned transpose, values [K, P] e4m3,
+  scales [P // 128, K] f32 (P = `quantize.aligned_rows(M, G)`), `tgmm_fp8`'s operand
+  layout. A `quantize.RowQuantized` x (values [M, K] e4m3, scales [K // 128, M]) is
+  requantised from its dequantised values.
+
+  backend: "mosaic_gpu" / "interpret" run the one-pass Pallas kernel
+  (`quantize_columns_triton.py`, a Triton kernel), "xla" the XLA gather and fusions,
+  "auto" the kernel on a Hopper GPU. The numbers are the same either way.
+  """
+  common.check_backend(backend)
+  common.check_group_sizes(group_sizes)
+  values = x.values if isinstance(x, quantize.RowQuantized) else x
+  common.check_rank("x", values, 2, "[M, K]")
+  common.check_float("x", values)
+  quantize.check_blocks("x", values, (1,))
+  if isinstance(x, quantize.RowQuantized):
+    m, k = values.shape
+    if values.dtype != quantize.FP8 or x.scales.shape != (k // quantize.BLOCK, m):
+      raise ValueError(f"Expected a RowQuantized x of e4m3 values [M, K] = {(m, k)} and "
+                       f"scales {(k // quantize.BLOCK, m)}, got {values.dtype} values and "
+                       f"scales {tuple(x.scales.shape)}.")
+  return dispatch(backend, _quantize_columns_kernel, quantize.quantize_columns, x,
+                  group_sizes)
+
+
 def quantize_blocks(w: jax.Array, *, backend: common.Backend = "auto"
                     ) -> quantize.BlockQuantized:
   """`quantize.quantize_blocks` of a weight w [G, K, N] (K, N multiples of 128):
@@ -236,6 +265,11 @@ def _gmm_kernel():
 def _quantize_rows_kernel():
   from pallas_kernels import quantize_rows_triton
   return quantize_rows_triton.quantize_rows_triton
+
+
+def _quantize_columns_kernel():
+  from pallas_kernels import quantize_columns_triton
+  return quantize_columns_triton.quantize_columns_triton
 
 
 def _quantize_blocks_kernel():

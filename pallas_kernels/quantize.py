@@ -146,20 +146,34 @@ def group_blocks(group_sizes: jax.Array, m: int) -> GroupBlocks:
                      size=sizes)
 
 
-def quantize_columns(x: jax.Array, group_sizes: jax.Array) -> RowQuantized:
+def column_blocks(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """For each 128-row block b of the group-aligned layout of m rows: the row of x
+  its first position holds and how many rows it holds (0 past the last group's
+  blocks), int32 [P // 128] each (P = `aligned_rows(m, G)`)."""
+  num_groups = group_sizes.shape[0]
+  blocks = group_blocks(group_sizes, m)
+  b = jnp.arange(aligned_rows(m, num_groups) // BLOCK)
+  ends = jnp.cumsum(blocks.count)
+  group = jnp.minimum(jnp.searchsorted(ends, b, side="right"), num_groups - 1)
+  offset = BLOCK * (b - blocks.first[group])  # within the group
+  rows = jnp.where(b < ends[-1], jnp.clip(blocks.size[group] - offset, 0, BLOCK), 0)
+  return (blocks.row_start[group] + offset).astype(jnp.int32), rows.astype(jnp.int32)
+
+
+def quantize_columns(x: jax.Array | RowQuantized, group_sizes: jax.Array) -> RowQuantized:
   """x [M, K] float, rows sorted by group -> `quantize_rows` of its group-aligned
   transpose [K, P] (P = `aligned_rows(M, G)`): values [K, P] e4m3, scales [P // 128, K],
   one per column of x per 128 rows of one group. Rows past sum(group_sizes) are left
   out; positions that hold no row are zeros. The layout of `tgmm_fp8`'s operands.
+  A RowQuantized x is requantised from its dequantised values.
   """
+  if isinstance(x, RowQuantized):
+    x = dequantize_rows(x)
   m, k = x.shape
-  num_groups = group_sizes.shape[0]
-  blocks = group_blocks(group_sizes, m)
-  ends = jnp.cumsum(blocks.count)
-  pos = jnp.arange(aligned_rows(m, num_groups))
-  group = jnp.minimum(jnp.searchsorted(ends, pos // BLOCK, side="right"), num_groups - 1)
-  offset = pos - BLOCK * blocks.first[group]  # within the group
-  row = blocks.row_start[group] + offset
-  valid = (pos < BLOCK * ends[-1]) & (offset < blocks.size[group])
+  row0, rows = column_blocks(group_sizes, m)
+  pos = jnp.arange(row0.shape[0] * BLOCK)
+  offset = pos % BLOCK
+  row = row0[pos // BLOCK] + offset
+  valid = offset < rows[pos // BLOCK]
   aligned = jnp.where(valid[:, None], x[jnp.clip(row, 0, m - 1)].astype(jnp.float32), 0.0)
   return quantize_rows(aligned.T)

@@ -134,6 +134,88 @@ def _tgmm_fp8_kernel(first_block_gmem, num_blocks_gmem, lhs_gmem, rhs_gmem,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _tgmm_fp8_kernel_ws(first_block_gmem, num_blocks_gmem, lhs_gmem, rhs_gmem,
+                        lhs_scales_gmem, rhs_scales_gmem, out_gmem, *, cfg):
+  """Warp-specialised (cfg.num_compute_wgs == 2): warpgroup 2 issues the TMA loads
+  of each item's row blocks, consumer warpgroups 0 and 1 promote those of the left
+  and right (cfg.split_rows: top and bottom) block_k x block_n halves of the item's
+  tile, so that one's promotion runs while the other's wgmma does, and store them."""
+  num_groups = out_gmem.shape[0]
+  bk, bn, cta_k, cta_n = cfg.block_k, cfg.block_n, cfg.cta_tile_rows, cfg.cta_block_n
+  grid_k, grid_n = lhs_gmem.shape[0] // cta_k, rhs_gmem.shape[0] // cta_n
+  transforms = gmm_mgpu._smem_transforms(BLOCK, lhs_gmem.dtype)
+
+  def get_pipeline(body, compute_context, k_tile=0, n_tile=0, first_block=0,
+                   num_blocks=cfg.max_concurrent_steps):
+    """The pipeline over one group's row blocks (the defaults: a static grid as deep
+    as the pipeline, for its allocations)."""
+    def spec(shape, index_map, **kwargs):
+      return plgpu.BlockSpec(shape, index_map, memory_space=plgpu.SMEM, **kwargs)
+
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(num_blocks,),
+        memory_registers=40,
+        in_specs=[
+            spec((cta_k, BLOCK), lambda b: (k_tile, first_block + b), transforms=transforms),
+            spec((cta_n, BLOCK), lambda b: (n_tile, first_block + b), transforms=transforms),
+            spec((1, cta_k), lambda b: (first_block + b, k_tile)),
+            spec((1, cta_n), lambda b: (first_block + b, n_tile)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  operands = (lhs_gmem, rhs_gmem, lhs_scales_gmem, rhs_scales_gmem)
+  ignore = lambda *_, **__: None  # noqa: E731 -- allocations ignore the bodies
+
+  @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*operands),
+      o_smem=plgpu.SMEM((2, cfg.staged_rows, cfg.staged_cols), out_gmem.dtype,
+                        transforms=gmm_mgpu._smem_transforms(cfg.staged_cols,
+                                                             out_gmem.dtype)),
+      collective_axes="wg",
+  )
+  def _(pipeline_allocs, o_smem):
+    wg = lax.axis_index("wg")
+    zeros = plgpu.layout_cast(jnp.zeros((bk, bn), jnp.float32), plgpu.Layout.WGMMA)
+
+    def mma(_, lhs_smem, rhs_smem, lhs_scales_smem, rhs_scales_smem, acc):
+      if cfg.split_rows:
+        rows = pl.ds(wg * bk, bk)
+        lhs_smem, lhs_scales = lhs_smem.at[rows], lhs_scales_smem.at[0, rows]
+        rhs_scales = rhs_scales_smem.at[0]
+      else:
+        cols = pl.ds(wg * bn, bn)
+        rhs_smem, rhs_scales = rhs_smem.at[cols], rhs_scales_smem.at[0, cols]
+        lhs_scales = lhs_scales_smem.at[0]
+      return acc + _scaled(partial_sum(lhs_smem, rhs_smem), lhs_scales, rhs_scales)
+
+    def store(acc, g, k_tile, n_tile):
+      k_tile, n_tile = ((k_tile * 2 + wg, n_tile) if cfg.split_rows
+                        else (k_tile, n_tile * 2 + wg))
+      _store_tile(acc, o_smem.at[wg], out_gmem.at[g], k_tile, n_tile, cfg)
+
+    @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
+    def _item_loop(loop_info: plgpu.NDLoopInfo):
+      g, k_tile, n_tile = _item_tiles(loop_info, grid_k, grid_n, cfg)
+      first_block, num_blocks = first_block_gmem[g], num_blocks_gmem[g]
+
+      @pl.when(num_blocks > 0)
+      def _():
+        get_pipeline(mma, lambda pipeline: store(pipeline(zeros), g, k_tile, n_tile),
+                     k_tile, n_tile, first_block, num_blocks)(
+            *operands, allocations=pipeline_allocs)
+
+      # An empty group's tiles: zeros, written by the consumers.
+      pl.when((num_blocks == 0) & (wg < 2))(lambda: store(zeros, g, k_tile, n_tile))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def tgmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.Array,
                   rhs_scales: jax.Array, group_sizes: jax.Array, *, num_rows: int,
                   out_dtype=jnp.float32, interpret: bool = False,
@@ -169,8 +251,11 @@ def tgmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.
                         out_dtype=out_dtype, interpret=interpret, config=config)
   k, n, g = lhs_values.shape[0], rhs_values.shape[0], group_sizes.shape[0]
   blocks = quantize.group_blocks(group_sizes, num_rows)
+  warp_specialized = cfg.num_compute_wgs > 1
   kernel = gmm_mgpu.warpgroup_kernel(
-      functools.partial(_tgmm_fp8_kernel, cfg=cfg),
+      functools.partial(_tgmm_fp8_kernel_ws if warp_specialized else _tgmm_fp8_kernel,
+                        cfg=cfg),
       out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid=(config_lib.num_sms(),), grid_names=("sm",), interpret=interpret)
+      grid=(config_lib.num_sms(),), grid_names=("sm",),
+      num_threads=3 if warp_specialized else None, interpret=interpret)
   return kernel(blocks.first, blocks.count, lhs_values, rhs_values, lhs_scales, rhs_scales)

@@ -5,6 +5,7 @@ checked to be e4m3 x e4m3."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -120,6 +121,27 @@ def test_gmm_fp8_interpret(m, k, n, sizes, out_dtype, cfg, dgrad):
     assert_close(out[:used], _reference(*operands, sizes)[:used], TOL[out_dtype])
 
 
+WS_CHAINED = config_lib.Fp8GmmConfig(block_m=64, block_n=64, max_concurrent_steps=2,
+                                     num_compute_wgs=2, chain_items=True)
+SPLIT_CHAINED = dataclasses.replace(SPLIT, max_concurrent_steps=2, chain_items=True)
+CHAINED_CASES = [
+    # (M, K, N, group_sizes, out dtype, config, dgrad, SMs)
+    (344, 256, 256, [50, 0, 90, 30, 0, 101], jnp.bfloat16, WS_CHAINED, False, 3),
+    (200, 512, 128, [17, 0, 0, 150], jnp.float32, WS_CHAINED, True, 2),  # padding rows
+    (200, 256, 128, [7, 0, 1], jnp.float32, WS_CHAINED, False, 4),  # lone items
+    (392, 256, 256, [17, 0, 70, 305], jnp.float32, SPLIT_CHAINED, False, 3),
+    (344, 512, 256, [0, 137, 0, 30, 0, 101], jnp.bfloat16, SPLIT_CHAINED, True, 2),
+    (256, 256, 128, [0, 0, 0], jnp.bfloat16, SPLIT_CHAINED, False, 2),  # all padding
+]
+
+
+@pytest.mark.parametrize("m,k,n,sizes,out_dtype,cfg,dgrad,sms", CHAINED_CASES)
+def test_gmm_fp8_interpret_chained(m, k, n, sizes, out_dtype, cfg, dgrad, sms, monkeypatch):
+  """Few SMs, so that each runs a chain of several items (and some a lone item)."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: sms)
+  test_gmm_fp8_interpret(m, k, n, sizes, out_dtype, cfg, dgrad)
+
+
 def test_gmm_fp8_interpret_default_config_few_sms(monkeypatch):
   """The default config (warp-specialised 64x256 items, a deep pipeline), two SMs
   that each walk several (item, n-tile) pairs."""
@@ -168,6 +190,11 @@ def _lower(m, k, n, g, out_dtype=jnp.bfloat16, config=None) -> str:
     (16384, 1024, 4096, 64, jnp.float32,
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, num_compute_wgs=2,
                              split_rows=True)),
+    # Chained items: the producer streams all of an SM's items as one pipeline.
+    (16384, 4096, 2048, 8, jnp.bfloat16,
+     config_lib.fp8_gmm_config(16384, 4096, 2048, 8, chain_items=True)),
+    (16384, 1024, 4096, 64, jnp.float32,
+     config_lib.fp8_gmm_config(16384, 1024, 4096, 64, 4, split_rows=True, chain_items=True)),
     # Overlapped promotion: two K blocks a step.
     (16384, 4096, 2048, 8, jnp.bfloat16,
      config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")),
@@ -255,6 +282,15 @@ def test_fp8_config_validates_itself():
   assert not config_lib.fp8_gmm_config(120, 4096, 2048, 8, split_rows=True).split_rows
   with pytest.raises(ValueError, match="split_rows=True needs two consumer"):
     config_lib.Fp8GmmConfig(split_rows=True)
+  with pytest.raises(ValueError, match="chain_items=True needs the warp-specialised"):
+    config_lib.Fp8GmmConfig(chain_items=True)
+  # Chained: the deepest pipeline that divides K/128 (5 of 1024/128 = 8 do not).
+  chained = config_lib.fp8_gmm_config(16384, 1024, 4096, 64, split_rows=True,
+                                      chain_items=True)
+  assert (chained.chain_items, chained.max_concurrent_steps) == (True, 4)
+  with pytest.raises(NotImplementedError, match="multiple of max_concurrent_steps=4"):
+    chained.validate_for(1152, 4096, 1, 2)
+  assert not config_lib.fp8_gmm_config(16384, 128, 4096, 8, chain_items=True).chain_items
   f32 = config_lib.fp8_gmm_config(16384, 4096, 2048, 8, out_itemsize=4)
   assert f32.smem_bytes(1, 4) <= config_lib.SMEM_BYTES - 4096
   # N not in 256-wide items: one warpgroup, two K blocks a step where K allows.
@@ -272,7 +308,8 @@ def test_fp8_config_validates_itself():
 @pytest.mark.parametrize("dgrad", [False, True], ids=["fwd", "dgrad"])
 @pytest.mark.parametrize("out_dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
-@pytest.mark.parametrize("cfg", [None, "ws_m128", "pairs", "serial", "split"])
+@pytest.mark.parametrize("cfg", [None, "ws_m128", "pairs", "serial", "split", "chain",
+                                 "split_chain"])
 def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST).
   The tolerance of the float32 output allows for the FP8 tensor core's
@@ -292,9 +329,10 @@ def test_gmm_fp8_full_size(m, k, n, g, pad, dgrad, out_dtype, tol, cfg):
     cfg = config_lib.Fp8GmmConfig(block_m=64, max_concurrent_steps=4, promotion="pairs")
   elif cfg == "serial":  # one warpgroup on 128x128 tiles
     cfg = config_lib.Fp8GmmConfig(max_concurrent_steps=4)
-  elif cfg == "split":  # two consumers one above the other on 128x128 items
+  elif cfg in ("split", "chain", "split_chain"):
+    # consumers one above the other on 128x128 items; an SM's items as one pipeline
     cfg = config_lib.fp8_gmm_config(m, k, n, g, 4 if out_dtype == jnp.float32 else 2,
-                                    split_rows=True)
+                                    split_rows="split" in cfg, chain_items="chain" in cfg)
   out = jax.jit(lambda *a: gmm_fp8_mgpu(*a, out_dtype=out_dtype, config=cfg))(
       xq.values, xq.scales, rhs, rhs_scales, gs)
   out = np.asarray(out.astype(jnp.float32))

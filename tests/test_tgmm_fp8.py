@@ -1,8 +1,9 @@
 """Blockwise-scaled FP8 weight-gradient GEMM (`tgmm_fp8_mgpu`) and its group-aligned
-column quantisation (`quantize.quantize_columns`): the layout against NumPy, the
-kernel in the Pallas GPU interpreter against a float64 reference on the dequantised
-operands, the kernel lowered for `cuda` at full size, its input checks, and (`-m gpu`)
-full size on a Hopper GPU."""
+column quantisation (`quantize.quantize_columns` in XLA, `quantize_columns_triton` in
+one pass): the layout against NumPy (both), the kernels in the Pallas interpreters
+against float64 references on the dequantised operands and bitwise against XLA, the
+kernels lowered for `cuda` at full size, their input checks, and (`-m gpu`) full size
+on a Hopper GPU."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from cuda_lowering import lower_for_h100
 from numpy_reference import assert_close
 from pallas_kernels import config as config_lib
 from pallas_kernels import quantize
+from pallas_kernels.quantize_columns_triton import quantize_columns_triton
 from pallas_kernels.tgmm_fp8_mgpu import tgmm_fp8_mgpu
 from test_mgpu_kernels_gpu import _group_sizes as gpu_group_sizes
 
@@ -34,13 +36,18 @@ def _rows(rng, m, k, sizes):
   return jnp.asarray(x, jnp.float32)
 
 
+COLUMN_QUANTISERS = {"xla": quantize.quantize_columns,
+                     "kernel": functools.partial(quantize_columns_triton, interpret=True)}
+
+
 @pytest.mark.parametrize("sizes", [[41, 0, 200, 32], [0, 300, 0], [0, 0, 0], [129, 128, 1]])
-def test_quantize_columns_matches_numpy(sizes):
+@pytest.mark.parametrize("impl", COLUMN_QUANTISERS)
+def test_quantize_columns_matches_numpy(sizes, impl):
   m, k = 304, 256
   rng = np.random.default_rng(len(sizes) + sizes[0])
   x = _rows(rng, m, k, sizes)
   gs = jnp.asarray(sizes, jnp.int32)
-  q = quantize.quantize_columns(x, gs)
+  q = COLUMN_QUANTISERS[impl](x, gs)
   p = quantize.aligned_rows(m, len(sizes))
   assert q.values.shape == (k, p) and q.values.dtype == quantize.FP8
   assert q.scales.shape == (p // BLOCK, k) and q.scales.dtype == jnp.float32
@@ -56,6 +63,64 @@ def test_quantize_columns_matches_numpy(sizes):
     used[start:start + sizes[g]] = True
     assert blocks.count[g] == -(-sizes[g] // BLOCK)
   assert not aligned[~used].any(), "positions that hold no row must be zeros"
+
+
+@pytest.mark.parametrize("m,k,sizes,dtype", [
+    (304, 256, [41, 0, 200, 32], jnp.bfloat16), (392, 128, [129, 128, 1, 70], jnp.float32),
+    (136, 384, [0, 136], jnp.bfloat16), (200, 128, [0, 0, 0], jnp.float32)])
+@pytest.mark.parametrize("row_quantised", [False, True], ids=["float", "row_quantised"])
+def test_quantize_columns_op_backends_agree(m, k, sizes, dtype, row_quantised):
+  """The kernel's numbers are XLA's, bitwise, from a float x or from a row-quantised
+  one (dequantised on the fly)."""
+  x = _rows(np.random.default_rng(m + k), m, k, sizes).astype(dtype)
+  if row_quantised:
+    x = quantize.quantize_rows(jnp.nan_to_num(x))
+  gs = jnp.asarray(sizes, jnp.int32)
+  kernel = pallas_kernels.quantize_columns(x, gs, backend="interpret")
+  xla = pallas_kernels.quantize_columns(x, gs, backend="xla")
+  for a, b in zip(kernel, xla):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("x,match", [
+    (jnp.ones((64, 200)), "multiple of 128"),
+    (jnp.ones((2, 64, 128)), "2-D"),
+    (jnp.ones((64, 128), jnp.int32), "floating"),
+    (quantize.RowQuantized(jnp.ones((64, 128)), jnp.ones((1, 64))), "e4m3 values"),
+    (quantize.RowQuantized(jnp.ones((64, 128), quantize.FP8), jnp.ones((64, 1))), "scales"),
+])
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+def test_quantize_columns_op_rejects_bad_input(x, match, backend):
+  with pytest.raises(ValueError, match=match):
+    pallas_kernels.quantize_columns(x, jnp.asarray([30, 34], jnp.int32), backend=backend)
+
+
+def test_quantize_columns_kernel_lowers_for_h100():
+  m, k, g = 16384, 4096, 8
+  p = quantize.aligned_rows(m, g)
+  values = jax.ShapeDtypeStruct((m, k), quantize.FP8)
+  scales = jax.ShapeDtypeStruct((k // BLOCK, m), jnp.float32)
+  text = lower_for_h100(lambda v, s, gs: tuple(pallas_kernels.quantize_columns(
+      quantize.RowQuantized(v, s), gs, backend="mosaic_gpu")), values, scales,
+      jax.ShapeDtypeStruct((g,), jnp.int32))
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert f"tensor<{k}x{p}xf8E4M3FN>" in text and f"tensor<{p // BLOCK}x{k}xf32>" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row_quantised", [False, True], ids=["float", "row_quantised"])
+def test_quantize_columns_kernel_full_size(row_quantised):
+  m, k, g = 16384, 4096, 8
+  sizes = gpu_group_sizes(np.random.default_rng(g), m - 1000, g, empty_every=5)
+  x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+  if row_quantised:
+    x = jax.jit(quantize.quantize_rows)(x)
+  run = jax.jit(pallas_kernels.quantize_columns, static_argnames="backend")
+  kernel, xla = run(x, sizes, backend="mosaic_gpu"), run(x, sizes, backend="xla")
+  np.testing.assert_allclose(np.asarray(kernel.scales), np.asarray(xla.scales), rtol=1e-6)
+  diff = np.asarray(kernel.values, np.float32) != np.asarray(xla.values, np.float32)
+  assert diff.mean() < 1e-5, diff.mean()  # an ulp of float32 division, at ties only
 
 
 def _operands(rng, m, k, n, sizes):
@@ -76,6 +141,10 @@ def _reference(lhs_values, lhs_scales, rhs_values, rhs_scales, gs, m):
 
 SMALL = config_lib.Fp8TgmmConfig(block_k=64, block_n=64, max_concurrent_steps=2,
                                  epilogue_rows=None)
+WS = config_lib.Fp8TgmmConfig(block_k=64, block_n=64, max_concurrent_steps=2,
+                              epilogue_rows=None, num_compute_wgs=2)
+WS_SPLIT = config_lib.Fp8TgmmConfig(block_k=64, block_n=64, max_concurrent_steps=3,
+                                    epilogue_rows=None, num_compute_wgs=2, split_rows=True)
 CASES = [
     # (M, K, N, group sizes, out dtype, config)
     (304, 128, 256, [41, 0, 200, 32], jnp.float32, None),  # an empty group, 31 padding rows
@@ -83,6 +152,12 @@ CASES = [
     (200, 128, 128, [0, 0, 0], jnp.float32, None),  # all padding
     (392, 192, 128, [129, 128, 1, 70], jnp.float32, SMALL),  # odd sizes, 64-wide tiles
     (264, 256, 192, [17, 0, 150, 97], jnp.bfloat16, SMALL),
+    # Warp-specialised: a producer, two consumers side by side or one above the other;
+    # groups of one block, fewer than the pipeline's stages.
+    (304, 128, 256, [41, 0, 200, 32], jnp.float32, WS),
+    (392, 256, 128, [129, 128, 1, 70], jnp.bfloat16, WS),
+    (392, 256, 128, [129, 128, 1, 70], jnp.float32, WS_SPLIT),
+    (200, 128, 128, [0, 0, 0], jnp.bfloat16, WS_SPLIT),
 ]
 
 
@@ -111,11 +186,18 @@ def test_tgmm_fp8_interpret(m, k, n, sizes, out_dtype, cfg):
     (16384, 4096, 2048, 8, jnp.bfloat16),  # dw2
     (16384, 4096, 1024, 64, jnp.float32),
     (32768, 2048, 7168, 256, jnp.float32),
+    (16384, 2048, 4096, 8, "ws"), (16384, 4096, 2048, 8, "ws_split"),
 ])
 def test_tgmm_fp8_lowers_for_h100_with_e4m3_wgmma(m, k, n, g, out_dtype):
+  cfg = None
+  if isinstance(out_dtype, str):  # warp-specialised, bf16 out
+    cfg = config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=4, num_compute_wgs=2,
+                                   split_rows=out_dtype == "ws_split")
+    out_dtype = jnp.bfloat16
   p, f8, f32 = quantize.aligned_rows(m, g), quantize.FP8, jnp.float32
   text = lower_for_h100(
-      lambda a, s, b, t, c: tgmm_fp8_mgpu(a, s, b, t, c, num_rows=m, out_dtype=out_dtype),
+      lambda a, s, b, t, c: tgmm_fp8_mgpu(a, s, b, t, c, num_rows=m, out_dtype=out_dtype,
+                                          config=cfg),
       jax.ShapeDtypeStruct((k, p), f8), jax.ShapeDtypeStruct((p // BLOCK, k), f32),
       jax.ShapeDtypeStruct((n, p), f8), jax.ShapeDtypeStruct((p // BLOCK, n), f32),
       jax.ShapeDtypeStruct((g,), jnp.int32))
@@ -155,6 +237,17 @@ def test_tgmm_fp8_op_checks_the_layout():
 def test_fp8_tgmm_config_validates_itself():
   with pytest.raises(ValueError, match="two float32 accumulators"):
     config_lib.Fp8TgmmConfig(block_k=256)
+  with pytest.raises(ValueError, match="exceeds 8192"):  # a consumer beside a producer
+    config_lib.Fp8TgmmConfig(num_compute_wgs=2)
+  with pytest.raises(ValueError, match="split_rows=True needs two consumer"):
+    config_lib.Fp8TgmmConfig(split_rows=True)
+  ws = config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=3, num_compute_wgs=2,
+                                split_rows=True)
+  # Per stage: both consumers' lhs tiles, the shared rhs tile, their scales; one staging
+  # buffer per consumer.
+  assert ws.smem_bytes(1, 2) == 3 * (128 + 128) * (128 + 4) + 2 * 64 * 128 * 2
+  with pytest.raises(NotImplementedError, match="K=192 is not a multiple of 128"):
+    ws.validate_for(192, 256, 1, 2)
   with pytest.raises(ValueError, match="block_n"):
     config_lib.Fp8TgmmConfig(block_n=96)
   with pytest.raises(ValueError, match="shared memory"):
@@ -168,7 +261,8 @@ def test_fp8_tgmm_config_validates_itself():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n,g,pad", [(16384, 2048, 4096, 8, 1000),
                                          (16384, 1024, 4096, 64, 301)])
-def test_tgmm_fp8_full_size(m, k, n, g, pad):
+@pytest.mark.parametrize("cfg", [None, "ws", "ws_split"])
+def test_tgmm_fp8_full_size(m, k, n, g, pad, cfg):
   """On the GPU against ragged_dot of the dequantised operands in float32 (HIGHEST);
   the tolerance allows for the FP8 tensor core's limited-precision accumulation
   within each 128-row block."""
@@ -177,11 +271,11 @@ def test_tgmm_fp8_full_size(m, k, n, g, pad):
   xq = jax.jit(quantize.quantize_columns)(jax.random.normal(keys[0], (m, k)), sizes)
   dyq = jax.jit(quantize.quantize_columns)(jax.random.normal(keys[1], (m, n)), sizes)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(backend):
-    return pallas_kernels.tgmm_fp8(xq, dyq, sizes, num_rows=m, out_dtype=jnp.float32,
-                                   backend=backend)
-
-  out = np.asarray(run("mosaic_gpu"))
+  if cfg is not None:  # two consumers side by side, or one above the other
+    cfg = config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=3, num_compute_wgs=2,
+                                   split_rows=cfg == "ws_split")
+  out = np.asarray(jax.jit(lambda *a: tgmm_fp8_mgpu(*a, num_rows=m, config=cfg))(
+      xq.values, xq.scales, dyq.values, dyq.scales, sizes))
   assert not out[np.asarray(sizes) == 0].any()
-  assert_close(out, np.asarray(run("xla")), 1e-3)
+  xla = jax.jit(lambda u, v, s: pallas_kernels.tgmm_fp8(u, v, s, num_rows=m, backend="xla"))
+  assert_close(out, np.asarray(xla(xq, dyq, sizes)), 1e-3)
