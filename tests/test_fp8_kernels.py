@@ -380,6 +380,13 @@ def test_gmm_fp8_dsrelu_interpret(m, k, n, sizes, h_dtype, cfg):
   assert_close(dp[:used], dp_ref[:used], 1e-5, "dp")
 
 
+def test_gmm_fp8_dsrelu_interpret_chained(monkeypatch):
+  """The dSReLU epilogue on chained items: two SMs, each a chain of several."""
+  monkeypatch.setattr(config_lib, "num_sms", lambda: 2)
+  test_gmm_fp8_dsrelu_interpret(344, 256, 256, [50, 0, 90, 30, 0, 101], jnp.bfloat16,
+                                WS_CHAINED)
+
+
 @pytest.mark.parametrize("m,h,f,g", [(16384, 2048, 4096, 8), (16384, 4096, 1024, 64)])
 def test_gmm_fp8_dsrelu_lowers_for_h100(m, h, f, g):
   from pallas_kernels.fused_srelu_mgpu import gmm_fp8_dsrelu_mgpu
