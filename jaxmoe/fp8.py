@@ -34,7 +34,7 @@ class BlockwiseRecipe:
     gradients (dw2 = a.T @ dy, dw1 = x.T @ dh) run in `wgrad_dtype`: "bfloat16" (the
     default), a bf16 grouped GEMM on the dequantised saved activations, or
     "float8_e4m3fn", the FP8 transposed grouped GEMM (`pallas_kernels.tgmm_fp8`) on
-    column tiles of each group's rows (`pallas_kernels.quantize_columns`: the saved
+    column tiles of each group's rows (`quantize.quantize_columns`: the saved
     activations requantised by columns from their dequantised values, dy and dh
     quantised so).
   * h, the SReLU and its derivative stay in x's dtype / float32.
