@@ -27,12 +27,12 @@ from fp8_mlp_check import parse_shape, write_result  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
 
 
-# tgmm_fp8's warp-specialised configs (float32 out, the deepest pipeline that fits):
-# two consumers side by side or one above the other.
+# tgmm_fp8's other configs (float32 out; the default is two consumers one above the
+# other, `config.fp8_tgmm_config`): one warpgroup, and two consumers side by side.
 TGMM_FP8_VARIANTS = {
-    "ws": config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=3, num_compute_wgs=2),
-    "ws split": config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=4,
-                                         num_compute_wgs=2, split_rows=True),
+    "one warpgroup": config_lib.Fp8TgmmConfig(),
+    "ws side by side": config_lib.Fp8TgmmConfig(block_k=64, max_concurrent_steps=3,
+                                                num_compute_wgs=2),
 }
 
 

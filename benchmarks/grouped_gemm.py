@@ -101,16 +101,16 @@ def fp8_entries(x, w, gs, dy):
       _entry("fwd", "dense_fp8_xla", dense_fp8, (x8, w8), 1)]
 
 
-# Our FP8 kernel's configs, as fp8_gmm_config arguments ({} = its default, the
-# warp-specialised kernel on 64-row tiles): consumers one above the other on
-# 128 x 128 items, an SM's items chained into one pipeline, both, at 128-row
-# tiles, and one warpgroup.
+# Our FP8 kernel's configs, as fp8_gmm_config arguments ({} = its default: chained
+# items, the consumers one above the other on 128 x 128 items where the mean expert
+# has 512 rows or more, else side by side on 64 x 256): each choice forced either
+# way, and one warpgroup on 64-row tiles (promotion="pairs") and on 128-row tiles.
 FP8_VARIANTS = {
     "jaxmoe_fp8": {},
-    "jaxmoe_fp8_split": dict(split_rows=True),
-    "jaxmoe_fp8_chain": dict(chain_items=True),
+    "jaxmoe_fp8_unchained": dict(split_rows=False, chain_items=False),
+    "jaxmoe_fp8_split": dict(split_rows=True, chain_items=False),
+    "jaxmoe_fp8_chain": dict(split_rows=False, chain_items=True),
     "jaxmoe_fp8_split_chain": dict(split_rows=True, chain_items=True),
-    "jaxmoe_fp8_ws_m128": dict(block_m=128, num_compute_wgs=2),
     "jaxmoe_fp8_pairs": dict(promotion="pairs"),
     "jaxmoe_fp8_serial": dict(block_m=128, num_compute_wgs=1),
 }

@@ -26,7 +26,7 @@ both layouts of a weight; `pallas_kernels.quantize_rows` computes the SReLU of h
 the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype
 bf16 the weight gradients are bf16 grouped GEMMs on the dequantised saved
 activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
-each group's rows (`quantize.quantize_columns` of aq, requantised from its
+each group's rows (`pallas_kernels.quantize_columns` of aq, requantised from its
 dequantised values, and dy; of xq and dh).
 
 The residuals are tagged inside the forward rule under the bf16 path's names, each
@@ -100,9 +100,8 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   def wgrad(lhs_q, rhs, group_sizes, out_dtype):
     """[G, K, N] = dequant(lhs_q).T @ rhs per group (lhs_q: a saved RowQuantized)."""
     if wgrad_dtype == quantize.FP8:
-      # XLA's quantize_columns until the one-pass kernel (pallas_kernels.quantize_columns)
-      # has run on a GPU.
-      columns = functools.partial(quantize.quantize_columns, group_sizes=group_sizes)
+      columns = functools.partial(pallas_kernels.quantize_columns, group_sizes=group_sizes,
+                                  backend=backend)
       return pallas_kernels.tgmm_fp8(
           columns(lhs_q), columns(rhs), group_sizes, num_rows=rhs.shape[0],
           out_dtype=_gmm_dtype(out_dtype), backend=backend).astype(out_dtype)

@@ -385,29 +385,38 @@ class Fp8GmmConfig(_ConsumerTiles):
           f"with promotion={self.promotion!r}).")
 
 
-def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
-                   block_m: int = 64, split_rows: bool = False, chain_items: bool = False,
-                   **fields) -> Fp8GmmConfig:
-  """The config `gmm_fp8_mgpu` runs by default (not autotuned): 64-row tiles,
-  warp-specialised on 64 x 256 items where N splits into them (two consumer
-  warpgroups of 64 x 128 side by side, each promoting while the other's wgmma
-  runs), else one warpgroup with promotion="pairs" where K is a multiple of 256,
-  else "serial"; and the deepest pipeline, up to 6 stages, that fits with 4 KiB to
-  spare (barriers, and the 1 KiB alignment of the swizzled tiles next to the
-  512-byte row-scale buffers); 64 columns in 2 stages if none does. On an H100 the
-  warp-specialised 64-row kernel ran fastest of the measured variants at the
-  benchmark shapes (BENCHMARKS.md); 128-row consumer tiles hold 2 x 128 float32
-  accumulator registers a thread, the whole register file.
+# split_rows by default where the mean expert has this many rows (M / G) or more: its
+# 128-row items then pad an expert's last item by at most 1/8 of the expert's rows.
+# On an H100 split_rows won at M/G = 2048 and lost at 256 (BENCHMARKS.md).
+SPLIT_ROWS_MIN_MEAN_ROWS = 512
 
-  split_rows=True puts the two consumers one above the other on 128 x 128 items
-  where M has 128 rows (32 KiB read a K step where a 64 x 256 item reads 40 KiB for
-  the same FLOPs; not yet timed on a GPU, so not the default). block_m alone keeps
-  the default schedule; any other Fp8GmmConfig field (e.g. num_compute_wgs=1) picks
-  a variant (Fp8GmmConfig's defaults for the rest), deepened the same way.
-  chain_items=True chains an SM's items in the warp-specialised kernel, at the
-  deepest such pipeline whose depth divides K/128 (unchained where none does).
+
+def fp8_gmm_config(m: int, k: int, n: int, g: int, out_itemsize: int = 2, *,
+                   block_m: int = 64, split_rows: bool | None = None,
+                   chain_items: bool = True, **fields) -> Fp8GmmConfig:
+  """The config `gmm_fp8_mgpu` runs by default (not autotuned): 64-row tiles, a
+  producer and two consumer warpgroups, each promoting while the other's wgmma runs,
+  with an SM's items chained into one pipeline, at the deepest depth, up to 6
+  stages, that divides K/128 and fits with 4 KiB to spare (barriers, and the 1 KiB
+  alignment of the swizzled tiles next to the 512-byte row-scale buffers).
+
+  The two consumers sit one above the other on 128 x 128 items (split_rows: 32 KiB
+  read a K step where a 64 x 256 item reads 40 KiB for the same FLOPs) where the
+  mean expert has `SPLIT_ROWS_MIN_MEAN_ROWS` rows or more, else side by side on
+  64 x 256 items where N splits into them; with neither, one warpgroup with
+  promotion="pairs" where K is a multiple of 256, else "serial". On an H100 this
+  ran fastest of the measured variants at the benchmark shapes (BENCHMARKS.md);
+  128-row consumer tiles hold 2 x 128 float32 accumulator registers a thread, the
+  whole register file.
+
+  split_rows=True / False forces the choice (True needs M >= 2 * block_m);
+  chain_items=False gives each item a pipeline of its own (unchained also where no
+  depth divides K/128). block_m alone keeps the default schedule; any other
+  Fp8GmmConfig field (e.g. num_compute_wgs=1) picks a variant (Fp8GmmConfig's
+  defaults for the rest, side by side unless split_rows=True), deepened the same way.
   """
-  del g
+  if split_rows is None:
+    split_rows = not fields and m >= SPLIT_ROWS_MIN_MEAN_ROWS * g
   split_rows = split_rows and m >= 2 * block_m
   if split_rows:
     fields = dict(fields, num_compute_wgs=2, split_rows=True)
@@ -429,6 +438,19 @@ _WS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3,
            num_compute_wgs=2)
 _CHAINED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
                 num_compute_wgs=2, chain_items=True, epilogue_rows=64)
+
+
+# tgmm_fp8's default where it tiles K and N: a producer and two consumers one above
+# the other on 128 x 128 items; on an H100 0.76x the one-warpgroup kernel's time
+# (BENCHMARKS.md).
+_FP8_TGMM_WS = dict(block_k=64, max_concurrent_steps=4, num_compute_wgs=2, split_rows=True)
+
+
+def fp8_tgmm_config(k: int, n: int, out_itemsize: int = 4) -> Fp8TgmmConfig:
+  """The config `tgmm_fp8_mgpu` runs by default for out [G, K, N]: warp-specialised
+  (`_FP8_TGMM_WS`) where it tiles K and N and fits, else one warpgroup."""
+  return (_fitting(Fp8TgmmConfig, _FP8_TGMM_WS, k, n, 1, out_itemsize)
+          or Fp8TgmmConfig())
 
 
 def _largest_dividing(n: int, candidates: tuple[int, ...]) -> int | None:

@@ -196,11 +196,12 @@ def gmm_fp8_dsrelu_mgpu(dy_values, dy_scales, w2_values, w2_scales, group_sizes,
   dy_values [M, H] e4m3, dy_scales [H // 128, M] f32 (`quantize_rows(dy)`); w2_values
   [G, F, H] e4m3 and w2_scales [G, H // 128, F // 128] f32 (`quantize_blocks(w2)`'s
   values and swapped scales); h [M, F] bf16 or f32; p [M].
-  config: default `config.fp8_gmm_config`.
+  config: default `config.fp8_gmm_config` with the consumers side by side (this
+    epilogue's per-row dp partials take no split_rows items).
   """
   (m, k), (g, n, _) = dy_values.shape, w2_values.shape
   if config is None:
-    config = config_lib.fp8_gmm_config(m, k, n, g, h.dtype.itemsize)
+    config = config_lib.fp8_gmm_config(m, k, n, g, h.dtype.itemsize, split_rows=False)
   h_tiles = _at_least_rows(h, config.block_m)
   p = _at_least_rows(p.astype(jnp.float32), config.block_m)
   (dh, dp_partial), meta = gmm_fp8_mgpu.gmm_fp8_mgpu_with_epilogue(

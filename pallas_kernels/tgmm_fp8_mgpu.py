@@ -73,9 +73,9 @@ def check_supported(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes,
   kernel does not take; returns the config."""
   _check_shapes(lhs_values, lhs_scales, rhs_values, rhs_scales, group_sizes)
   check_dtypes("FP8 tgmm", lhs_values, lhs_scales, rhs_values, rhs_scales, out_dtype)
-  cfg = config or config_lib.Fp8TgmmConfig()
-  cfg.validate_for(lhs_values.shape[0], rhs_values.shape[0], 1,
-                   jnp.dtype(out_dtype).itemsize)
+  k, n, out_itemsize = lhs_values.shape[0], rhs_values.shape[0], jnp.dtype(out_dtype).itemsize
+  cfg = config or config_lib.fp8_tgmm_config(k, n, out_itemsize)
+  cfg.validate_for(k, n, 1, out_itemsize)
   gmm_mgpu.check_hopper(interpret)
   return cfg
 
@@ -236,7 +236,7 @@ def tgmm_fp8_mgpu(lhs_values: jax.Array, lhs_scales: jax.Array, rhs_values: jax.
     num_rows: M, the rows of lhs and rhs before alignment.
     out_dtype: bf16 or f32; accumulation is float32.
     interpret: run the same kernel in the Pallas Mosaic GPU interpreter (CPU).
-    config: block sizes; default `config.Fp8TgmmConfig()`.
+    config: block sizes; default `config.fp8_tgmm_config(K, N)`.
 
   Returns:
     [G, K, N] in out_dtype; zeros for empty groups.

@@ -268,14 +268,22 @@ def test_fp8_config_validates_itself():
   assert overlap.smem_bytes(1, 2) == 3 * 2 * (192 * 128 + 256) + 64 * 128 * 2
   with pytest.raises(NotImplementedError, match="K=384 is not a multiple of 256"):
     overlap.validate_for(384, 256, 1, 2)
-  cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, 8)
-  assert (cfg.block_m, cfg.block_n, cfg.num_compute_wgs, cfg.promotion, cfg.split_rows) == (
-      64, 128, 2, "serial", False)
+  # The default: chained, split_rows where the mean expert has 512 rows or more.
+  for g, split in ((8, True), (32, True), (33, False), (64, False)):
+    cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, g)
+    assert (cfg.block_m, cfg.num_compute_wgs, cfg.split_rows, cfg.chain_items) == (
+        64, 2, split, True), g
+    assert (4096 // 128) % cfg.max_concurrent_steps == 0
+  assert not config_lib.fp8_gmm_config(16384, 4096, 2048, 8, promotion="pairs").split_rows
+  cfg = config_lib.fp8_gmm_config(16384, 4096, 2048, 8, split_rows=False, chain_items=False)
+  assert (cfg.block_m, cfg.block_n, cfg.num_compute_wgs, cfg.promotion, cfg.split_rows,
+          cfg.chain_items) == (64, 128, 2, "serial", False, False)
   # Per stage: the lhs tile, both consumers' rhs tiles, the row scales; one staging
   # buffer per consumer.
   assert cfg.smem_bytes(1, 2) == (cfg.max_concurrent_steps * (64 * 128 + 256 * 128 + 256)
                                   + 2 * 64 * 128 * 2)
-  split = config_lib.fp8_gmm_config(16384, 4096, 384, 8, split_rows=True)  # any N of 128s
+  split = config_lib.fp8_gmm_config(16384, 4096, 384, 8, split_rows=True,  # any N of 128s
+                                    chain_items=False)
   assert (split.split_rows, split.cta_tile_rows, split.cta_block_n) == (True, 128, 128)
   # Per stage: both consumers' lhs tiles, the shared rhs tile, the row scales.
   assert split.smem_bytes(1, 2) == 5 * (128 * 128 + 128 * 128 + 512) + 2 * 64 * 128 * 2
@@ -293,10 +301,12 @@ def test_fp8_config_validates_itself():
   assert not config_lib.fp8_gmm_config(16384, 128, 4096, 8, chain_items=True).chain_items
   f32 = config_lib.fp8_gmm_config(16384, 4096, 2048, 8, out_itemsize=4)
   assert f32.smem_bytes(1, 4) <= config_lib.SMEM_BYTES - 4096
-  # N not in 256-wide items: one warpgroup, two K blocks a step where K allows.
-  assert config_lib.fp8_gmm_config(16384, 4096, 384, 8).promotion == "pairs"
-  one = config_lib.fp8_gmm_config(16384, 384, 384, 8)
+  # N not in 256-wide items and no split_rows: one warpgroup, two K blocks a step where
+  # K allows; split_rows items take any N of 128s.
+  assert config_lib.fp8_gmm_config(16384, 4096, 384, 64).promotion == "pairs"
+  one = config_lib.fp8_gmm_config(16384, 384, 384, 64)
   assert (one.num_compute_wgs, one.promotion) == (1, "serial")
+  assert config_lib.fp8_gmm_config(16384, 384, 384, 8).split_rows
   assert config_lib.fp8_gmm_config(16384, 4096, 2048, 8, block_m=128,
                                    num_compute_wgs=1).block_m == 128
 

@@ -254,6 +254,11 @@ def test_fp8_tgmm_config_validates_itself():
     config_lib.Fp8TgmmConfig(max_concurrent_steps=8)
   cfg = config_lib.Fp8TgmmConfig()
   assert cfg.smem_bytes(1, 4) == 4 * 256 * (128 + 4) + 64 * 128 * 4
+  # The default: two consumers one above the other where they tile K and N.
+  default = config_lib.fp8_tgmm_config(2048, 4096, 4)
+  assert (default.num_compute_wgs, default.split_rows, default.cta_tile_rows) == (2, True, 128)
+  assert default.smem_bytes(1, 4) <= config_lib.SMEM_BYTES
+  assert config_lib.fp8_tgmm_config(128, 192, 4) == cfg  # N not in 128-column tiles
   with pytest.raises(NotImplementedError, match="K=320"):
     cfg.validate_for(320, 256, 1, 4)
 
