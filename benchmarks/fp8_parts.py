@@ -64,6 +64,11 @@ def main(argv=None) -> None:
       "quantize_columns xq [M,H] (XLA)": (jit(quantize.quantize_columns), (xq, gs)),
       "quantize_columns xq [M,H] (kernel)": (jit(pallas_kernels.quantize_columns), (xq, gs)),
       "quantize_columns aq [M,F] (kernel)": (jit(pallas_kernels.quantize_columns), (aq, gs)),
+      "quantize_rows_and_columns x [M,H] (kernel)": (
+          jit(pallas_kernels.quantize_rows_and_columns), (x, gs)),
+      "quantize_rows_and_columns srelu(h) [M,F] (kernel)": (
+          jit(lambda h, s, p: pallas_kernels.quantize_rows_and_columns(h, s, srelu_scales=p)),
+          (a, gs, p)),
       "dequantize_rows xq -> bf16": (
           jit(lambda q: quantize.dequantize_rows(q).astype(jnp.bfloat16)), (xq,)),
       "gmm fp8 x @ w1": (jit(lambda q, w, s: pallas_kernels.gmm_fp8(q, w, s)), (xq, w1q, gs)),

@@ -17,17 +17,21 @@ and the backward pass reuses the forward's quantised activations:
     dp  = sum_j da_j relu(h_j)**2,  db1 = per-expert sum of dh
     dhq = quantize_rows(dh)
     dx  = gmm_fp8(dhq, w1q, transpose_rhs=True)
-    dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in recipe.wgrad_dtype
+    dw2 = tgmm(dequant(aq), dy),  dw1 = tgmm(dequant(xq), dh)   in bf16 (recipe.wgrad_dtype)
+
+With wgrad_dtype float8_e4m3fn the weight gradients are `tgmm_fp8`s, whose operands
+are quantised by column tiles of each group's rows: x, a, dy and dh each go through
+`pallas_kernels.quantize_rows_and_columns`, one read giving the row tiles for gmm
+and the column tiles for tgmm_fp8, and the forward saves the column tiles of x and a
+under "fc1_input" and "fc2_input" (the backward reads x and a only there):
+
+    dw2 = tgmm_fp8(columns(a), columns(dy)),  dw1 = tgmm_fp8(columns(x), columns(dh))
 
 The SReLU derivative runs in FC2's input-gradient epilogue
 (`activation.gmm_fp8_dsrelu` writes dh and dp; da never reaches HBM). Every
 quantisation is one pass of a Pallas kernel (`pallas_kernels.quantize_blocks` writes
 both layouts of a weight; `pallas_kernels.quantize_rows` computes the SReLU of h on
-the fly and quantises a, which never reaches HBM unquantised). With wgrad_dtype
-bf16 the weight gradients are bf16 grouped GEMMs on the dequantised saved
-activations; with float8_e4m3fn, `tgmm_fp8` on column tiles of
-each group's rows (`pallas_kernels.quantize_columns` of aq, requantised from its
-dequantised values, and dy; of xq and dh).
+the fly and quantises a, which never reaches HBM unquantised).
 
 The residuals are tagged inside the forward rule under the bf16 path's names, each
 FP8 residual as a (values, scales) pair under one name, so `offload_policy` moves
@@ -97,21 +101,31 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
   gmm_fp8 = functools.partial(pallas_kernels.gmm_fp8, backend=backend)
   quantize_rows = functools.partial(pallas_kernels.quantize_rows, backend=backend)
 
-  def wgrad(lhs_q, rhs, group_sizes, out_dtype):
-    """[G, K, N] = dequant(lhs_q).T @ rhs per group (lhs_q: a saved RowQuantized)."""
-    if wgrad_dtype == quantize.FP8:
-      columns = functools.partial(pallas_kernels.quantize_columns, group_sizes=group_sizes,
-                                  backend=backend)
+  fp8_wgrad = wgrad_dtype == quantize.FP8
+
+  def quantized(t, group_sizes, srelu_scales=None):
+    """(row tiles of t for gmm_fp8, what the weight gradient keeps of t: its column
+    tiles for tgmm_fp8 with FP8 weight gradients, else the row tiles)."""
+    if fp8_wgrad:
+      return pallas_kernels.quantize_rows_and_columns(
+          t, group_sizes, srelu_scales=srelu_scales, backend=backend)
+    rows = quantize_rows(t, srelu_scales=srelu_scales)
+    return rows, rows
+
+  def wgrad(lhs_kept, rhs_kept, group_sizes, num_rows, out_dtype):
+    """[G, K, N] = lhs.T @ rhs per group, from what `quantized` kept of each (or,
+    for bf16 weight gradients, from a row-quantised lhs and a float rhs)."""
+    if fp8_wgrad:
       return pallas_kernels.tgmm_fp8(
-          columns(lhs_q), columns(rhs), group_sizes, num_rows=rhs.shape[0],
+          lhs_kept, rhs_kept, group_sizes, num_rows=num_rows,
           out_dtype=_gmm_dtype(out_dtype), backend=backend).astype(out_dtype)
-    lhs = quantize.dequantize_rows(lhs_q)
+    lhs = quantize.dequantize_rows(lhs_kept)
     return pallas_kernels.tgmm(
-        lhs.astype(wgrad_dtype), rhs.astype(wgrad_dtype), group_sizes,
+        lhs.astype(wgrad_dtype), rhs_kept.astype(wgrad_dtype), group_sizes,
         preferred_element_type=jnp.float32, backend=backend).astype(out_dtype)
 
   def forward(x, w1, w2, b1, group_sizes, p):
-    xq = quantize_rows(x)
+    xq, x_kept = quantized(x, group_sizes)
     w1q, w2q = (pallas_kernels.quantize_blocks(w, backend=backend) for w in (w1, w2))
     h = gmm_fp8(xq, w1q, group_sizes, out_dtype=_gmm_dtype(x_dtype))
     if b1 is not None:
@@ -119,29 +133,32 @@ def _fp8_mlp(recipe: fp8_lib.BlockwiseRecipe, backend: str, dtypes: tuple):
           _group_of_rows(group_sizes, x.shape[0])]  # zero for padding rows
       h = h.astype(jnp.float32) + b1_rows.astype(jnp.float32)
     h = checkpoint_name(h.astype(x_dtype), offload.ACTIVATION_INPUT)
-    aq = quantize_rows(h, srelu_scales=p)
+    aq, a_kept = quantized(h, group_sizes, srelu_scales=p)
     y = gmm_fp8(aq, w2q, group_sizes, out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
     # The backward pass reads the weights' [G, in, out] layout only (values_t is the
     # forward's), with their scales.
     saved_w = checkpoint_name(
         tuple(_saved(quantize.BlockQuantized(q.values, None, q.scales)) for q in (w1q, w2q)),
         offload.FP8_WEIGHTS)
-    return y, (checkpoint_name(_saved(xq), offload.FC1_INPUT), saved_w, group_sizes, p,
-               h, checkpoint_name(_saved(aq), offload.FC2_INPUT))
+    return y, (checkpoint_name(_saved(x_kept), offload.FC1_INPUT), saved_w, group_sizes, p,
+               h, checkpoint_name(_saved(a_kept), offload.FC2_INPUT))
 
   @jax.custom_vjp
   def mlp(x, w1, w2, b1, group_sizes, p):
     return forward(x, w1, w2, b1, group_sizes, p)[0]
 
   def backward(residuals, dy):
-    xq, (w1q, w2q), group_sizes, p, h, aq = residuals
-    xq, w1q, w2q, aq = map(_restored, (xq, w1q, w2q, aq))
-    dh, dp = activation.gmm_fp8_dsrelu(quantize_rows(dy), w2q, group_sizes,
+    x_kept, (w1q, w2q), group_sizes, p, h, a_kept = residuals
+    x_kept, w1q, w2q, a_kept = map(_restored, (x_kept, w1q, w2q, a_kept))
+    dyq, dy_kept = quantized(dy, group_sizes)
+    dh, dp = activation.gmm_fp8_dsrelu(dyq, w2q, group_sizes,
                                        h.astype(_gmm_dtype(h.dtype)), p, backend=backend)
-    dx = gmm_fp8(quantize_rows(dh), w1q, group_sizes, transpose_rhs=True,
+    dhq, dh_kept = quantized(dh, group_sizes)
+    dx = gmm_fp8(dhq, w1q, group_sizes, transpose_rhs=True,
                  out_dtype=_gmm_dtype(x_dtype)).astype(x_dtype)
-    dw2 = wgrad(aq, dy, group_sizes, w2_dtype)
-    dw1 = wgrad(xq, dh, group_sizes, w1_dtype)
+    num_rows = dy.shape[0]
+    dw2 = wgrad(a_kept, dy_kept if fp8_wgrad else dy, group_sizes, num_rows, w2_dtype)
+    dw1 = wgrad(x_kept, dh_kept if fp8_wgrad else dh, group_sizes, num_rows, w1_dtype)
     db1 = None
     if b1_dtype is not None:
       num_groups = group_sizes.shape[0]

@@ -158,13 +158,39 @@ def quantize_rows(x: jax.Array, *, srelu_scales: jax.Array | None = None,
   "auto" the kernel on a Hopper GPU where it takes the input. The numbers are the
   same either way.
   """
+  _check_rows_input(x, srelu_scales, backend)
+  return dispatch(backend, _quantize_rows_kernel, quantize.quantize_rows, x, srelu_scales)
+
+
+def _check_rows_input(x, srelu_scales, backend) -> None:
   common.check_backend(backend)
   common.check_rank("x", x, 2, "[M, K]")
   common.check_float("x", x)
   if srelu_scales is not None and srelu_scales.shape != x.shape[:1]:
     raise ValueError(f"Expected 'srelu_scales' of shape [{x.shape[0]}] (one per row of "
                      f"x), got {tuple(srelu_scales.shape)}.")
-  return dispatch(backend, _quantize_rows_kernel, quantize.quantize_rows, x, srelu_scales)
+
+
+def quantize_rows_and_columns(x: jax.Array, group_sizes: jax.Array, *,
+                              srelu_scales: jax.Array | None = None,
+                              backend: common.Backend = "auto"
+                              ) -> tuple[quantize.RowQuantized, quantize.RowQuantized]:
+  """(`quantize_rows(x, srelu_scales=...)`, `quantize_columns` of the same float
+  tensor) from one read of x [M, K] (K a multiple of 128), rows sorted by group:
+  an activation's or gradient's FP8 operands for gmm (values [M, K], scales
+  [K // 128, M]) and for `tgmm_fp8` (values [K, P], scales [P // 128, K]), both
+  quantised from x itself, or from relu(x)**2 * p with srelu_scales p [M].
+
+  backend: "mosaic_gpu" / "interpret" run the one-pass Pallas kernel
+  (`quantize_columns_triton.py`, a Triton kernel), "xla" the XLA fusions
+  (`quantize.quantize_rows_and_columns`), "auto" the kernel on a Hopper GPU. The
+  numbers are the same either way.
+  """
+  _check_rows_input(x, srelu_scales, backend)
+  common.check_group_sizes(group_sizes)
+  quantize.check_blocks("x", x, (1,))
+  return dispatch(backend, _quantize_rows_and_columns_kernel,
+                  quantize.quantize_rows_and_columns, x, group_sizes, srelu_scales)
 
 
 def quantize_columns(x: jax.Array | quantize.RowQuantized, group_sizes: jax.Array, *,
@@ -270,6 +296,11 @@ def _quantize_rows_kernel():
 def _quantize_columns_kernel():
   from pallas_kernels import quantize_columns_triton
   return quantize_columns_triton.quantize_columns_triton
+
+
+def _quantize_rows_and_columns_kernel():
+  from pallas_kernels import quantize_columns_triton
+  return quantize_columns_triton.quantize_rows_and_columns_triton
 
 
 def _quantize_blocks_kernel():

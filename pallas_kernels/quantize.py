@@ -177,3 +177,15 @@ def quantize_columns(x: jax.Array | RowQuantized, group_sizes: jax.Array) -> Row
   valid = offset < rows[pos // BLOCK]
   aligned = jnp.where(valid[:, None], x[jnp.clip(row, 0, m - 1)].astype(jnp.float32), 0.0)
   return quantize_rows(aligned.T)
+
+
+def quantize_rows_and_columns(x: jax.Array, group_sizes: jax.Array,
+                              srelu_scales: jax.Array | None = None
+                              ) -> tuple[RowQuantized, RowQuantized]:
+  """(`quantize_rows(x, srelu_scales)`, `quantize_columns` of the same float tensor):
+  an activation's or gradient's operands for both its GEMMs, the row-major one for
+  gmm and the group-aligned transpose for `tgmm_fp8`, each quantised from x (or
+  a = `srelu_f32(x, p)`) itself."""
+  if srelu_scales is not None:
+    x = srelu_f32(x, srelu_scales)
+  return quantize_rows(x), quantize_columns(x, group_sizes)

@@ -168,8 +168,8 @@ def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None,
   """The FP8 expert MLP (`jaxmoe/fp8_mlp.py`) in float64, quantising where it does:
   x, w1, w2 and a = relu(h)**2 * p forward; dy and dh backward. The weight gradients
   take the dequantised a and x and the unquantised dy and dh, rounded to bf16 (the
-  recipe's wgrad_dtype "bfloat16"), or all four (as float32) quantised by column tiles
-  of each group ("float8_e4m3fn"); everything else is exact, except h and dh, rounded to
+  recipe's wgrad_dtype "bfloat16"), or x, a, dy and dh themselves (as float32)
+  quantised by column tiles of each group ("float8_e4m3fn"); everything else is exact, except h and dh, rounded to
   `h_dtype` (e.g. "bfloat16": the kernels store h, and dh, in x's dtype) when given.
 
   Returns y, or (y, {"x", "w1", "w2", "scales", "b1"}) when dy is given.
@@ -196,10 +196,12 @@ def fp8_grouped_mlp(x, w1, w2, group_sizes, p, b1=None, dy=None, h_dtype=None,
   dx = gmm(quantize_rows(dh)[0], w1d, group_sizes, transpose_rhs=True)
   if wgrad_dtype == "bfloat16":
     wgrad_operand = lambda a: _round(a, "bfloat16")  # noqa: E731
+    x_kept, a_kept = xd, ad
   else:
     wgrad_operand = lambda a: quantize_group_columns(np.float32(a), group_sizes)  # noqa: E731
+    x_kept, a_kept = x, relu**2 * p[:, None]
   wgrad = lambda a, b: tgmm(wgrad_operand(a), wgrad_operand(b), group_sizes)  # noqa: E731
-  grads = {"x": dx, "w1": wgrad(xd, dh), "w2": wgrad(ad, dy),
+  grads = {"x": dx, "w1": wgrad(x_kept, dh), "w2": wgrad(a_kept, dy),
            "scales": np.sum(da * relu**2, axis=1),
            "b1": np.stack([dh[rows].sum(axis=0) for _, rows in group_slices(group_sizes)])}
   return y, grads

@@ -1,5 +1,6 @@
 """The offload policy: what is saved where, cuda placements, bitwise equality, bad names."""
 
+import functools
 import itertools
 import re
 
@@ -11,6 +12,7 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 import jaxmoe
+from pallas_kernels import quantize
 from jaxmoe.offload import RESIDUAL_NAMES
 
 M, H, F, G = 40, 16, 32, 4
@@ -219,10 +221,29 @@ def _fp8_inputs(seed=0, dtype=jnp.float32):
           jnp.asarray(rng.uniform(0.1, 1, M), jnp.float32))
 
 
-def _fp8_loss(x, w1, w2, p, backend="xla"):
-  y = jaxmoe.grouped_mlp(x, w1, w2, GROUP_SIZES, p, backend=backend,
-                         fp8=jaxmoe.BlockwiseRecipe())
+def _fp8_loss(x, w1, w2, p, backend="xla", recipe=jaxmoe.BlockwiseRecipe()):
+  y = jaxmoe.grouped_mlp(x, w1, w2, GROUP_SIZES, p, backend=backend, fp8=recipe)
   return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+
+FP8_WGRAD = jaxmoe.BlockwiseRecipe(wgrad_dtype="float8_e4m3fn")
+
+
+def test_fp8_wgrad_saves_column_tiles_and_offloads_them_bitwise(backend="xla"):
+  """With FP8 weight gradients, fc1_input and fc2_input hold the group-aligned column
+  tiles of x and a ([K, P] values, [P // 128, K] scales), what tgmm_fp8 reads; offloaded,
+  the gradients are bitwise those kept on device. (On the XLA path: the interpreters'
+  callbacks are effects that `jax.checkpoint` does not differentiate.)"""
+  names = ("fc1_input", "fc2_input")
+  loss = functools.partial(_fp8_loss, backend=backend, recipe=FP8_WGRAD)
+  inputs = _fp8_inputs(2, jnp.bfloat16)
+  residuals = saved_residuals(jax.checkpoint(loss, policy=jaxmoe.offload_policy(names)),
+                              *inputs)
+  rows = quantize.aligned_rows(M, G)
+  host = [aval for aval, _ in residuals if "<host>" in aval.str_short()]
+  assert _avals(host) == sorted([((H8, rows), "uint8"), ((rows // 128, H8), "float32"),
+                                 ((F8, rows), "uint8"), ((rows // 128, F8), "float32")])
+  _assert_offload_bitwise_equal(loss, inputs, names, ())
 
 
 def _avals(avals):

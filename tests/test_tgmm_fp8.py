@@ -108,6 +108,91 @@ def test_quantize_columns_kernel_lowers_for_h100():
   assert f"tensor<{k}x{p}xf8E4M3FN>" in text and f"tensor<{p // BLOCK}x{k}xf32>" in text
 
 
+@pytest.mark.parametrize("m,k,sizes,dtype,srelu", [
+    (304, 256, [41, 0, 200, 32], jnp.bfloat16, False),  # padding rows, an empty group
+    (392, 128, [129, 128, 1, 70], jnp.float32, True),
+    (136, 384, [0, 136], jnp.bfloat16, True),  # all rows in one group
+    (200, 128, [0, 0, 0], jnp.float32, False),  # all padding
+    (13, 128, [5, 0], jnp.bfloat16, False),  # odd M, fewer rows than a block
+    (520, 256, [1, 129, 0, 7], jnp.float32, True)])  # 383 padding rows: three blocks
+def test_quantize_rows_and_columns_matches_numpy_and_xla(m, k, sizes, dtype, srelu):
+  """Both layouts from one read: the rows as `quantize_rows` (every row, padding rows
+  too), the columns as `quantize_columns`, of x or of relu(x)**2 * p; the kernel's
+  numbers are XLA's, bitwise."""
+  rng = np.random.default_rng(m + k + srelu)
+  x = rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, (m, 1))
+  x = jnp.asarray(x, dtype)
+  p = jnp.asarray(rng.uniform(0.1, 1.0, m), jnp.float32) if srelu else None
+  gs = jnp.asarray(sizes, jnp.int32)
+  kernel = pallas_kernels.quantize_rows_and_columns(x, gs, srelu_scales=p,
+                                                    backend="interpret")
+  xla = pallas_kernels.quantize_rows_and_columns(x, gs, srelu_scales=p, backend="xla")
+  for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(xla)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  rows, columns = kernel
+  a = np.asarray(x, np.float64)
+  if srelu:  # in float32, as the recipe computes it (`quantize.srelu_f32`)
+    relu = np.maximum(np.float32(a), np.float32(0))
+    a = np.float64(relu * relu * np.asarray(p)[:, None])
+  _, values, scales = ref.quantize_rows(a)
+  np.testing.assert_allclose(np.asarray(rows.scales).T, scales, rtol=1e-6)
+  # An ulp between the reference's amax * (1 / 448) and amax / 448 moves a value to the
+  # neighbouring e4m3 number at a rounding tie only.
+  assert (np.float64(np.asarray(rows.values)) != values).mean() < 1e-4
+  aligned = np.asarray(quantize.dequantize_rows(columns)).T  # [P, K]
+  expected = ref.quantize_group_columns(np.float32(a), sizes)
+  for (g, group_rows), first in zip(ref.group_slices(sizes),
+                                    np.asarray(quantize.group_blocks(gs, m).first)):
+    np.testing.assert_allclose(aligned[first * BLOCK:first * BLOCK + sizes[g]],
+                               expected[group_rows], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+def test_quantize_rows_and_columns_rejects_bad_input(backend):
+  gs = jnp.asarray([30, 34], jnp.int32)
+  for x, kwargs, match in ((jnp.ones((64, 200)), {}, "multiple of 128"),
+                           (jnp.ones((64, 128), jnp.int32), {}, "floating"),
+                           (jnp.ones((64, 128)), dict(srelu_scales=jnp.ones(63)), "srelu_scales")):
+    with pytest.raises(ValueError, match=match):
+      pallas_kernels.quantize_rows_and_columns(x, gs, backend=backend, **kwargs)
+  with pytest.raises(ValueError, match="group_sizes"):
+    pallas_kernels.quantize_rows_and_columns(jnp.ones((64, 128)), jnp.ones(2), backend=backend)
+
+
+def test_quantize_rows_and_columns_kernel_lowers_for_h100():
+  m, k, g = 16384, 4096, 8
+  p = quantize.aligned_rows(m, g)
+  text = lower_for_h100(
+      lambda x, gs, s: jax.tree.leaves(pallas_kernels.quantize_rows_and_columns(
+          x, gs, srelu_scales=s, backend="mosaic_gpu")),
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32),
+      jax.ShapeDtypeStruct((m,), jnp.float32))
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  for shape in (f"{m}x{k}xf8E4M3FN", f"{k // BLOCK}x{m}xf32", f"{k}x{p}xf8E4M3FN",
+                f"{p // BLOCK}x{k}xf32"):
+    assert f"tensor<{shape}>" in text, shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("srelu", [False, True], ids=["x", "srelu"])
+def test_quantize_rows_and_columns_kernel_full_size(srelu):
+  m, k, g = 16384, 4096, 8
+  sizes = gpu_group_sizes(np.random.default_rng(g), m - 1000, g, empty_every=5)
+  x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+  p = jax.random.uniform(jax.random.key(2), (m,), jnp.float32, 0.1, 1.0) if srelu else None
+  run = jax.jit(pallas_kernels.quantize_rows_and_columns, static_argnames="backend")
+  kernel = run(x, sizes, srelu_scales=p, backend="mosaic_gpu")
+  xla = run(x, sizes, srelu_scales=p, backend="xla")
+  for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(xla)):
+    assert a.shape == b.shape
+    if a.dtype == jnp.float32:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    else:
+      diff = np.asarray(a, np.float32) != np.asarray(b, np.float32)
+      assert diff.mean() < 1e-5, diff.mean()  # an ulp of float32 division, at ties only
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("row_quantised", [False, True], ids=["float", "row_quantised"])
 def test_quantize_columns_kernel_full_size(row_quantised):
