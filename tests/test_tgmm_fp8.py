@@ -175,37 +175,32 @@ def test_quantize_rows_and_columns_kernel_lowers_for_h100():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("srelu", [False, True], ids=["x", "srelu"])
-def test_quantize_rows_and_columns_kernel_full_size(srelu):
+@pytest.mark.parametrize("op", ["columns", "columns_of_rows", "rows_and_columns",
+                                "rows_and_columns_srelu"])
+def test_quantize_columns_kernel_full_size(op):
+  """`quantize_columns` of a float or a row-quantised x, and `quantize_rows_and_columns`
+  of x or of relu(x)**2 * p: the kernel against XLA at full size on the GPU."""
   m, k, g = 16384, 4096, 8
   sizes = gpu_group_sizes(np.random.default_rng(g), m - 1000, g, empty_every=5)
-  x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-  p = jax.random.uniform(jax.random.key(2), (m,), jnp.float32, 0.1, 1.0) if srelu else None
-  run = jax.jit(pallas_kernels.quantize_rows_and_columns, static_argnames="backend")
-  kernel = run(x, sizes, srelu_scales=p, backend="mosaic_gpu")
-  xla = run(x, sizes, srelu_scales=p, backend="xla")
+  x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+  if op.startswith("columns"):
+    if op == "columns_of_rows":
+      x = jax.jit(quantize.quantize_rows)(x)
+    run = jax.jit(lambda x, backend: pallas_kernels.quantize_columns(x, sizes, backend=backend),
+                  static_argnames="backend")
+  else:
+    p = jax.random.uniform(jax.random.key(2), (m,), jnp.float32, 0.1, 1.0)
+    p = p if op.endswith("srelu") else None
+    run = jax.jit(lambda x, backend: pallas_kernels.quantize_rows_and_columns(
+        x, sizes, srelu_scales=p, backend=backend), static_argnames="backend")
+  kernel, xla = run(x, backend="mosaic_gpu"), run(x, backend="xla")
   for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(xla)):
-    assert a.shape == b.shape
-    if a.dtype == jnp.float32:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype == jnp.float32:  # the scales
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     else:
       diff = np.asarray(a, np.float32) != np.asarray(b, np.float32)
       assert diff.mean() < 1e-5, diff.mean()  # an ulp of float32 division, at ties only
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("row_quantised", [False, True], ids=["float", "row_quantised"])
-def test_quantize_columns_kernel_full_size(row_quantised):
-  m, k, g = 16384, 4096, 8
-  sizes = gpu_group_sizes(np.random.default_rng(g), m - 1000, g, empty_every=5)
-  x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
-  if row_quantised:
-    x = jax.jit(quantize.quantize_rows)(x)
-  run = jax.jit(pallas_kernels.quantize_columns, static_argnames="backend")
-  kernel, xla = run(x, sizes, backend="mosaic_gpu"), run(x, sizes, backend="xla")
-  np.testing.assert_allclose(np.asarray(kernel.scales), np.asarray(xla.scales), rtol=1e-6)
-  diff = np.asarray(kernel.values, np.float32) != np.asarray(xla.values, np.float32)
-  assert diff.mean() < 1e-5, diff.mean()  # an ulp of float32 division, at ties only
 
 
 def _operands(rng, m, k, n, sizes):
