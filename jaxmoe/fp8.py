@@ -34,9 +34,9 @@ class BlockwiseRecipe:
     gradients (dw2 = a.T @ dy, dw1 = x.T @ dh) run in `wgrad_dtype`: "bfloat16" (the
     default), a bf16 grouped GEMM on the dequantised saved activations, or
     "float8_e4m3fn", the FP8 transposed grouped GEMM (`pallas_kernels.tgmm_fp8`) on
-    column tiles of each group's rows (`quantize.quantize_columns`: the saved
-    activations requantised by columns from their dequantised values, dy and dh
-    quantised so).
+    column tiles of each group's rows (`pallas_kernels.quantize_rows_and_columns`:
+    x, a, dy and dh quantised by rows and by columns in one pass; the column tiles of
+    x and a are what the forward saves).
   * h, the SReLU and its derivative stay in x's dtype / float32.
 
   The hidden and FFN sizes must be multiples of 128. Only these values are

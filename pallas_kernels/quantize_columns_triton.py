@@ -82,7 +82,7 @@ def _call(x, group_sizes, *, x_scales=None, srelu_scales=None, with_rows: bool,
     rows = jnp.where(in_group > 0, rows, pad_rows)
   p, blk = row0.shape[0] * quantize.BLOCK, quantize.BLOCK
   whole = pl.BlockSpec(memory_space=pl.ANY)
-  inputs = [row0.astype(jnp.int32), rows.astype(jnp.int32), in_group, x]
+  inputs = [row0, rows, in_group, x]  # int32 [P // 128] each, then x
   inputs += [a for a in (x_scales, srelu_scales) if a is not None]
   out_specs = [pl.BlockSpec((blk, blk), lambda b, kb: (kb, b)),
                pl.BlockSpec((None, blk), lambda b, kb: (b, kb))]
